@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from xmr.data import SynthConfig, Vocabulary, write_synthetic
+from xmr.models import build_model, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_VOCAB = ROOT.parent / "shared" / "vocab"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def shared_vocab_path(name: str) -> Path:
+    path = SHARED_VOCAB / f"{name}_precomp_vocab.json"
+    if not path.is_file():
+        pytest.skip(f"real SCAN vocabularies not found beside the repository ({SHARED_VOCAB})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def f30k_vocab() -> Vocabulary:
+    return Vocabulary.load(shared_vocab_path("f30k"))
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A small synthetic dataset (train 40, dev/test 10 images)."""
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, SynthConfig(n_train=40, n_dev=10, n_test=10, regions=6, img_dim=16, seed=3))
+    return out
+
+
+def tiny_model(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0, **fields):
+    """A small random model whose every parameter is non-degenerate (std 0.3)."""
+    torch.manual_seed(seed)
+    config = make_config(kind, vocab_size=50, word_dim=8, embed_size=16, img_dim=12, **fields)
+    model = build_model(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def random_batch(n_images: int = 3, n_captions: int = 4, regions: int = 5, img_dim: int = 12,
+                 lengths: tuple[int, ...] = (7, 1, 3, 5), vocab_size: int = 50, dtype=torch.float32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_images, regions, img_dim, generator=g, dtype=dtype)
+    lens = torch.tensor(lengths[:n_captions], dtype=torch.int64)
+    ids = torch.randint(4, vocab_size, (n_captions, int(lens.max())), generator=g)
+    ids[torch.arange(ids.size(1))[None, :] >= lens[:, None]] = 0
+    return features, ids, lens
+
+
+MODEL_VARIANTS = [
+    ("camp", {}),
+    ("imram", {"mode": "full"}),
+    ("imram", {"mode": "text"}),
+    ("imram", {"mode": "image"}),
+    ("imram", {"mode": "full", "memory_norm": True, "steps": 2}),
+    ("dual", {}),
+]

@@ -1,0 +1,197 @@
+"""The ``xmr`` command line: thin wrappers over the library, one function per command."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.table import Table
+
+from xmr.errors import XmrError
+from xmr.progress import console
+
+app = typer.Typer(help="Fast inference runtime for cross-attention text-image retrieval (CAMP, IMRAM).",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Datasets in the SCAN precomp format.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+# Model sizes: "small" trains on the synthetic set in minutes on a CPU; "paper" is the released size.
+SIZES = {"small": {"embed_size": 64, "word_dim": 64}, "paper": {"embed_size": 1024, "word_dim": 300}}
+
+
+class ModelKind(str, Enum):
+    camp = "camp"
+    imram = "imram"
+    dual = "dual"
+
+
+class AuthorsModel(str, Enum):
+    camp = "camp"
+    imram = "imram"
+
+
+class ImramMode(str, Enum):
+    full = "full"
+    text = "text"
+    image = "image"
+
+
+class Size(str, Enum):
+    small = "small"
+    paper = "paper"
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print user-facing errors as one line and exit 2 (set XMR_DEBUG=1 for the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (XmrError, FileNotFoundError, ValueError) as e:
+            if os.environ.get("XMR_DEBUG"):
+                raise
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    out: Path = typer.Option(Path("data/synth"), "--out", "-o", help="Directory to write the dataset to."),
+    n_train: int = typer.Option(2000, help="Training images (5 captions each)."),
+    n_dev: int = typer.Option(200, help="Dev images."),
+    n_test: int = typer.Option(500, help="Test images."),
+    regions: int = typer.Option(12, help="Regions per image."),
+    objects: int = typer.Option(3, help="Objects per image (the rest of the regions are clutter)."),
+    img_dim: int = typer.Option(128, help="Region feature size."),
+    noise: float = typer.Option(0.5, help="Per-region noise (prototypes have norm 1)."),
+    seed: int = typer.Option(0, help="Random seed; the same options give the same files."),
+    vocab: Optional[Path] = typer.Option(None, help="Write this SCAN vocabulary (e.g. the Flickr30K one) instead of the small built-in one."),
+) -> None:
+    """Write a synthetic dataset (train/dev/test) where cross-attention matters."""
+    from xmr.data import SynthConfig, Vocabulary, write_synthetic
+
+    cfg = SynthConfig(n_train=n_train, n_dev=n_dev, n_test=n_test, regions=regions, objects=objects,
+                      img_dim=img_dim, noise=noise, seed=seed)
+    write_synthetic(out, cfg, Vocabulary.load(vocab) if vocab else None)
+    console.print(f"wrote synthetic dataset to {out}")
+
+
+def _load_vocab(data: Path, vocab: Optional[Path]):
+    from xmr.data import Vocabulary, find_vocab
+
+    return Vocabulary.load(vocab or find_vocab(data))
+
+
+@app.command()
+@user_errors
+def train(
+    model: ModelKind = typer.Option(..., "--model", "-m", help="Model to train."),
+    data: Path = typer.Option(Path("data/synth"), help="Precomp data directory (train and dev splits)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: runs/MODEL]."),
+    vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON [default: the one in --data]."),
+    size: Size = typer.Option(Size.small, help="small: D=64, word_dim=64; paper: D=1024, word_dim=300."),
+    embed_size: Optional[int] = typer.Option(None, help="Joint embedding size D (overrides --size)."),
+    word_dim: Optional[int] = typer.Option(None, help="Word embedding size (overrides --size)."),
+    mode: ImramMode = typer.Option(ImramMode.full, help="IMRAM matching mode."),
+    steps: int = typer.Option(3, help="IMRAM matching steps K."),
+    epochs: int = typer.Option(6, help="Training epochs."),
+    batch_size: int = typer.Option(64, help="Captions per batch."),
+    lr: float = typer.Option(1e-3, help="Initial Adam learning rate."),
+    lr_update: int = typer.Option(4, help="Decay the learning rate x0.1 every this many epochs."),
+    grad_clip: float = typer.Option(2.0, help="Gradient norm clipping threshold."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    seed: int = typer.Option(0, help="Random seed."),
+    max_steps: int = typer.Option(0, help="Stop after this many steps (0: run all epochs)."),
+) -> None:
+    """Train CAMP, IMRAM or the dual-encoder baseline; keeps the best dev-rsum checkpoint."""
+    from xmr.data import load_split
+    from xmr.models import build_model, make_config
+    from xmr.train import TrainConfig, train as run_training
+
+    vocabulary = _load_vocab(data, vocab)
+    train_split = load_split(data, "train", vocabulary)
+    dev_split = load_split(data, "dev", vocabulary)
+    dims = {**SIZES[size.value], **({"embed_size": embed_size} if embed_size else {}),
+            **({"word_dim": word_dim} if word_dim else {})}
+    extra = {"mode": mode.value, "steps": steps} if model is ModelKind.imram else {}
+    config = make_config(model.value, vocab_size=len(vocabulary), img_dim=train_split.img_dim, **dims, **extra)
+    net = build_model(config, vocabulary)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, lr_update=lr_update,
+                      grad_clip=grad_clip, seed=seed, device=device, max_steps=max_steps)
+    out = out or Path("runs") / model.value
+    log = run_training(net, train_split, dev_split, cfg, out)
+    console.print(f"best dev rsum {log['best_dev_rsum']:.1f}; checkpoint: {out / 'checkpoint.pt'}")
+
+
+def _report_table(title: str, metrics: dict[str, float]) -> Table:
+    table = Table(title=title)
+    for name in ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "rsum", "i2t medr", "t2i medr"):
+        table.add_column(name, justify="right")
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
+    table.add_row(*(f"{metrics[k]:.1f}" for k in keys))
+    return table
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="xmr checkpoint (from `xmr train` or `xmr import-checkpoint`)."),
+    data: Path = typer.Option(Path("data/synth"), help="Precomp data directory."),
+    split: str = typer.Option("test", help="Split: train, dev, test or testall."),
+    fold5: bool = typer.Option(False, help="COCO 1K protocol: mean over 5 folds of 1000 images."),
+    vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON [default: the checkpoint's]."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
+) -> None:
+    """Recall@1/5/10 both ways, rsum, medr and meanr of a checkpoint on a split."""
+    from xmr.config import save_json
+    from xmr.data import Vocabulary, load_split
+    from xmr.eval import evaluate
+    from xmr.models import load_checkpoint
+
+    net = load_checkpoint(checkpoint, map_location=device)
+    vocabulary = Vocabulary.load(vocab) if vocab else net.vocab
+    if vocabulary is None:
+        raise ValueError(f"{checkpoint} holds no vocabulary; pass --vocab")
+    result = evaluate(net, load_split(data, split, vocabulary), fold5=fold5)
+    console.print(_report_table(f"{net.kind} on {data}/{split}{' (5-fold 1K)' if fold5 else ''}", result.report.to_dict()))
+    if json_out:
+        save_json({"checkpoint": str(checkpoint), "split": split, "fold5": fold5, **result.to_dict()}, json_out)
+
+
+@app.command("import-checkpoint")
+@user_errors
+def import_checkpoint(
+    path: Path = typer.Argument(..., help="Checkpoint saved by the authors' CAMP or IMRAM training code."),
+    model: AuthorsModel = typer.Option(..., "--model", "-m", help="Which authors' code saved it."),
+    vocab: Path = typer.Option(..., help="The SCAN vocabulary JSON it was trained with."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the xmr checkpoint."),
+) -> None:
+    """Convert an authors' checkpoint to an xmr checkpoint (no authors' code, easydict or GPU needed)."""
+    from xmr.data import Vocabulary
+    from xmr.models import save_checkpoint
+    from xmr.models.authors import import_authors_checkpoint
+    from xmr.models.checkpoint import file_sha256
+
+    net = import_authors_checkpoint(path, model.value, Vocabulary.load(vocab))
+    metadata = {"imported_from": str(path), "source_sha256": file_sha256(path), **net.authors_metadata}
+    save_checkpoint(net, out, metadata)
+    console.print(f"wrote {out}: {net.kind} {json.dumps(vars(net.config))}", highlight=False)
+
+
+def main() -> None:
+    app(prog_name="xmr")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Deterministic synthetic retrieval data in the SCAN precomp format.
+
+An image is a set of ``regions`` region vectors: ``objects`` of them show an object, a
+noun with a colour (``feature = noun_prototype + colour_prototype + noise``), the rest
+are clutter (background prototypes + noise). Each caption names some of the image's
+objects with their colours, in words from the real Flickr30K vocabulary
+("a red car beside a white dog").
+
+Images come in *twins*: the second image of a pair has the same nouns and the same
+colours, bound differently ("a white car beside a red dog"). Any model that pools regions
+and words before comparing them (a dual encoder) gives twins the same score for every
+caption; only a model that aligns words with regions, i.e. cross-attention, separates
+them. Everything is drawn from one seeded generator, so a config gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xmr.config import config_to_dict, save_json
+from xmr.data.vocab import Vocabulary
+from xmr.errors import VocabError
+
+NOUNS = (
+    "dog cat car horse bird boat truck bus umbrella bag guitar bench bicycle table lamp "
+    "cup box flower sign book phone bottle balloon shirt jacket skateboard surfboard frisbee tent train"
+).split()
+COLORS = "red white blue black green yellow brown orange pink purple gray silver".split()
+RELATIONS = ("beside", "next to", "near", "behind", "in front of", "with")
+# {o[i]} is "colour noun" of the i-th described object; templates name 1 to 3 objects.
+TEMPLATES = (
+    ("a {o0} .",),
+    ("a {o0} {rel} a {o1} .", "there is a {o0} {rel} a {o1} .", "a photo of a {o0} {rel} a {o1}",
+     "the {o0} is {rel} the {o1} .", "a {o0} and a {o1} on the street ."),
+    ("a {o0} , a {o1} and a {o2} .", "a {o0} {rel} a {o1} and a {o2} in the park ."),
+)
+FILLER_WORDS = "a an the there is of on and photo street park , .".split()
+
+
+def synthetic_words() -> list[str]:
+    """Every word a synthetic caption can contain (all are in the Flickr30K vocabulary)."""
+    words = {*NOUNS, *COLORS, *FILLER_WORDS}
+    for rel in RELATIONS:
+        words.update(rel.split())
+    for group in TEMPLATES:
+        for template in group:
+            words.update(w for w in template.split() if not w.startswith("{"))
+    return sorted(words)
+
+
+@dataclass
+class SynthConfig:
+    """Shape and difficulty of a synthetic dataset."""
+
+    VERSION = 1
+
+    n_train: int = 2000  # images in the train split (5 captions each)
+    n_dev: int = 200  # images in the dev split
+    n_test: int = 500  # images in the test split
+    captions_per_image: int = 5
+    regions: int = 12  # regions per image (objects + clutter), like the 36 of bottom-up features
+    objects: int = 3  # objects per image; captions name 1 to min(objects, 3) of them
+    img_dim: int = 128  # region feature size (2048 for real bottom-up features)
+    noise: float = 0.5  # std of the per-region noise, relative to a prototype's norm (1)
+    clutter_types: int = 16  # background prototypes for non-object regions
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.objects <= min(len(COLORS), len(NOUNS)):
+            raise ValueError(f"objects must be in 1..{len(COLORS)}, got {self.objects}")
+        if self.regions < self.objects:
+            raise ValueError(f"regions ({self.regions}) must be >= objects ({self.objects})")
+        for name in ("n_train", "n_dev", "n_test"):
+            if getattr(self, name) < 2 or getattr(self, name) % 2:
+                raise ValueError(f"{name} must be an even number >= 2 (images come in twins), got {getattr(self, name)}")
+        if self.captions_per_image < 1 or self.img_dim < 1 or self.noise < 0:
+            raise ValueError("captions_per_image and img_dim must be positive, noise >= 0")
+
+
+@dataclass
+class _Prototypes:
+    noun: np.ndarray  # (n_nouns, img_dim)
+    color: np.ndarray  # (n_colors, img_dim)
+    clutter: np.ndarray  # (clutter_types, img_dim)
+
+
+def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    rows = rng.standard_normal((n, dim))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _image_twins(cfg: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Nouns and colours ``(2, objects)`` for a twin pair: same sets, colours rotated."""
+    nouns = rng.choice(len(NOUNS), size=cfg.objects, replace=False)
+    colors = rng.choice(len(COLORS), size=cfg.objects, replace=False)
+    shift = 1 + rng.integers(cfg.objects - 1) if cfg.objects > 1 else 0
+    return np.stack([nouns, nouns]), np.stack([colors, np.roll(colors, shift)])
+
+
+def _region_features(cfg: SynthConfig, protos: _Prototypes, nouns: np.ndarray, colors: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+    regions = np.empty((cfg.regions, cfg.img_dim))
+    regions[: cfg.objects] = protos.noun[nouns] + protos.color[colors]
+    clutter = rng.integers(cfg.clutter_types, size=cfg.regions - cfg.objects)
+    regions[cfg.objects :] = protos.clutter[clutter]
+    regions += cfg.noise * rng.standard_normal(regions.shape) / np.sqrt(cfg.img_dim)
+    return regions[rng.permutation(cfg.regions)]
+
+
+def _caption(nouns: np.ndarray, colors: np.ndarray, rng: np.random.Generator) -> str:
+    n_named = int(rng.integers(1, min(len(nouns), 3) + 1))
+    # two objects is the common case: weight it like real captions' "X with Y"
+    if len(nouns) >= 2 and rng.random() < 0.6:
+        n_named = 2
+    chosen = rng.permutation(len(nouns))[:n_named]
+    group = TEMPLATES[n_named - 1]
+    template = group[int(rng.integers(len(group)))]
+    objects = {f"o{i}": f"{COLORS[colors[j]]} {NOUNS[nouns[j]]}" for i, j in enumerate(chosen)}
+    return template.format(rel=RELATIONS[int(rng.integers(len(RELATIONS)))], **objects)
+
+
+def generate_split(cfg: SynthConfig, protos: _Prototypes, n_images: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """Features ``float32 [n_images, regions, img_dim]`` and ``n_images * captions_per_image`` captions."""
+    feats = np.empty((n_images, cfg.regions, cfg.img_dim), dtype=np.float32)
+    captions: list[str] = []
+    for pair in range(n_images // 2):
+        nouns, colors = _image_twins(cfg, rng)
+        for twin in range(2):
+            feats[2 * pair + twin] = _region_features(cfg, protos, nouns[twin], colors[twin], rng)
+            captions.extend(_caption(nouns[twin], colors[twin], rng) for _ in range(cfg.captions_per_image))
+    return feats, captions
+
+
+def synth_vocabulary(base: Vocabulary | None = None) -> Vocabulary:
+    """The built-in vocabulary (special tokens + synthetic words), or ``base`` checked to cover them."""
+    if base is None:
+        return Vocabulary.from_words(synthetic_words())
+    missing = [w for w in synthetic_words() if w not in base.word2idx]
+    if missing:
+        raise VocabError(f"the vocabulary lacks words the synthetic captions use: {missing}")
+    return base
+
+
+def write_synthetic(out_dir: str | Path, cfg: SynthConfig | None = None, vocab: Vocabulary | None = None) -> Path:
+    """Write ``{train,dev,test}_ims.npy``, ``*_caps.txt``, ``vocab.json`` and ``synth_config.json``."""
+    cfg = cfg or SynthConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    protos = _Prototypes(
+        noun=_unit_rows(rng, len(NOUNS), cfg.img_dim),
+        color=_unit_rows(rng, len(COLORS), cfg.img_dim),
+        clutter=_unit_rows(rng, cfg.clutter_types, cfg.img_dim),
+    )
+    for split, n in (("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)):
+        feats, captions = generate_split(cfg, protos, n, rng)
+        np.save(out / f"{split}_ims.npy", feats)
+        (out / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+    synth_vocabulary(vocab).save(out / "vocab.json")
+    save_json(config_to_dict(cfg), out / "synth_config.json")
+    return out

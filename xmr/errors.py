@@ -1,0 +1,28 @@
+"""User-facing errors. The CLI prints these as one line and exits non-zero.
+
+Anything that is *not* an ``XmrError`` is an internal bug and keeps its traceback.
+"""
+
+
+class XmrError(Exception):
+    """Base class of every error caused by user input (files, arguments, data)."""
+
+
+class DataError(XmrError):
+    """A dataset file is missing, malformed, or inconsistent with its siblings."""
+
+
+class VocabError(XmrError):
+    """A vocabulary file is malformed or does not fit the model."""
+
+
+class CheckpointError(XmrError):
+    """A checkpoint cannot be read or mapped onto an xmr model."""
+
+
+class ConfigError(XmrError):
+    """A configuration is invalid or of an unsupported version."""
+
+
+class ShapeError(XmrError, ValueError):
+    """A tensor given to a public API has the wrong shape or dtype."""

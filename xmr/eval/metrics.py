@@ -1,0 +1,70 @@
+"""Retrieval metrics as the authors compute them (SCAN/CAMP/IMRAM ``i2t`` / ``t2i``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from xmr.errors import ShapeError
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class RecallReport:
+    """R@K in percent for image->text (``i2t``) and text->image (``t2i``), ranks 1-based."""
+
+    i2t_r1: float
+    i2t_r5: float
+    i2t_r10: float
+    i2t_medr: float
+    i2t_meanr: float
+    t2i_r1: float
+    t2i_r5: float
+    t2i_r10: float
+    t2i_medr: float
+    t2i_meanr: float
+
+    @property
+    def rsum(self) -> float:
+        return self.i2t_r1 + self.i2t_r5 + self.i2t_r10 + self.t2i_r1 + self.t2i_r5 + self.t2i_r10
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "rsum": self.rsum}
+
+
+def _recalls(ranks: np.ndarray) -> list[float]:
+    return [100.0 * float(np.mean(ranks < k)) for k in KS]
+
+
+def image_to_text_ranks(scores: np.ndarray, per_image: int) -> np.ndarray:
+    """0-based rank of each image's best-ranked ground-truth caption (among its ``per_image``)."""
+    order = np.argsort(-scores, axis=1, kind="stable")  # (Ni, Nt) caption indices, best first
+    owner = order // per_image  # image each ranked caption belongs to
+    return np.argmax(owner == np.arange(scores.shape[0])[:, None], axis=1)
+
+
+def text_to_image_ranks(scores: np.ndarray, per_image: int) -> np.ndarray:
+    """0-based rank of each caption's image among all images."""
+    order = np.argsort(-scores.T, axis=1, kind="stable")  # (Nt, Ni) image indices, best first
+    truth = np.arange(scores.shape[1]) // per_image
+    return np.argmax(order == truth[:, None], axis=1)
+
+
+def recall_report(scores: np.ndarray, per_image: int = 5) -> RecallReport:
+    """Metrics of a score matrix ``[N_images, N_images * per_image]`` (rows images)."""
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or scores.shape[1] != scores.shape[0] * per_image:
+        raise ShapeError(f"score matrix must be [N, N*{per_image}] (rows images), got {list(scores.shape)}")
+    i2t = image_to_text_ranks(scores, per_image)
+    t2i = text_to_image_ranks(scores, per_image)
+    return RecallReport(
+        *_recalls(i2t), float(np.floor(np.median(i2t)) + 1), float(i2t.mean() + 1),
+        *_recalls(t2i), float(np.floor(np.median(t2i)) + 1), float(t2i.mean() + 1),
+    )
+
+
+def mean_report(reports: list[RecallReport]) -> RecallReport:
+    fields = list(asdict(reports[0]))
+    return RecallReport(**{k: float(np.mean([getattr(r, k) for r in reports])) for k in fields})
