@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "train_ims.npy").exists():
         write_synthetic(args.data, SynthConfig())
-    cfg = TrainConfig(epochs=args.epochs, learning_rate=1e-3)
+    cfg = TrainConfig(epochs=args.epochs)
     results = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",

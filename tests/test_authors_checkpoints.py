@@ -14,7 +14,7 @@ import torch
 
 from xmr.data import Vocabulary
 from xmr.errors import CheckpointError
-from xmr.models.authors import import_authors_checkpoint
+from xmr.models.authors import import_authors_checkpoint, read_authors_checkpoint
 from conftest import FIXTURES
 
 IMRAM = FIXTURES / "authors" / "imram"
@@ -66,6 +66,15 @@ def test_vocabulary_must_match_checkpoint():
         import_authors_checkpoint(IMRAM / "checkpoint_full.pth.tar", "imram", small)
 
 
+def _tampered_camp(tmp_path, edit):
+    """The CAMP fixture edited; its options re-saved as a plain dict (no easydict here)."""
+    blob = read_authors_checkpoint(CAMP / "checkpoint.pth.tar")
+    edit(blob)
+    path = tmp_path / "tampered_camp.pth.tar"
+    torch.save(blob, path)
+    return path
+
+
 def _tampered(tmp_path, source, edit):
     blob = torch.load(source, weights_only=False)
     edit(blob)
@@ -90,3 +99,45 @@ def test_arbitrary_pickled_code_is_not_run(tmp_path, f30k_vocab):
     path = _tampered(tmp_path, IMRAM / "checkpoint_full.pth.tar", lambda b: b.__setitem__("evil", builtins.print))
     with pytest.raises(CheckpointError, match="cannot read"):
         import_authors_checkpoint(path, "imram", f30k_vocab)
+
+
+def test_camp_import_matches_authors_scores_without_easydict(f30k_vocab, monkeypatch):
+    monkeypatch.setitem(sys.modules, "easydict", None)  # `import easydict` would fail
+    golden = np.load(CAMP / "golden.npz")
+    model = import_authors_checkpoint(CAMP / "checkpoint.pth.tar", "camp", f30k_vocab)
+    assert model.config.num_heads == 4 and not model.config.img_norm and not model.config.txt_norm
+    assert model.authors_metadata == {"epoch": 7, "best_rsum": 123.4, "Eiters": 100}
+    img, cap, lengths, scores = _run(model, golden)
+    np.testing.assert_allclose(img.numpy(), golden["img_emb"], atol=1e-6)
+    np.testing.assert_allclose(cap.numpy(), golden["cap_emb"], atol=1e-6)
+    np.testing.assert_allclose(scores.numpy(), golden["scores"], atol=1e-4, rtol=0)
+
+
+def test_camp_training_loss_matches_authors(f30k_vocab):
+    golden = np.load(CAMP / "golden.npz")
+    model = import_authors_checkpoint(CAMP / "checkpoint.pth.tar", "camp", f30k_vocab).train()
+    ids, lengths = torch.from_numpy(golden["ids"]), torch.from_numpy(golden["lengths"])
+    scores = model.similarity(torch.from_numpy(golden["loss_features"]), ids, lengths)
+    np.testing.assert_allclose(scores.detach().numpy(), golden["loss_scores"], atol=1e-5)
+    assert model.loss(scores).item() == pytest.approx(float(golden["loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda b: b["opt"].__setitem__("measure", "cross_attention_new"), "measure='cross_attention_new'"),
+    (lambda b: b["opt"].__setitem__("bi_gru", False), "bi_gru=False"),
+    (lambda b: b["model"][2].pop("module.fc_out.3.bias"), "missing key for 'out_logit.bias'"),
+    (lambda b: b["model"].pop(), "must be [image encoder, text encoder, similarity]"),
+])
+def test_unmappable_camp_checkpoints_are_refused(tmp_path, f30k_vocab, edit, message):
+    with pytest.raises(CheckpointError, match=message.replace("[", r"\[")):
+        import_authors_checkpoint(_tampered_camp(tmp_path, edit), "camp", f30k_vocab)
+
+
+def test_old_torch_format_and_numpy_scalars_load(tmp_path, f30k_vocab):
+    """Checkpoints of the authors' era: legacy (non-zip) serialisation, best_rsum a numpy float."""
+    blob = torch.load(IMRAM / "checkpoint_full.pth.tar", weights_only=False)
+    blob["best_rsum"] = np.float64(512.25)
+    path = tmp_path / "legacy.pth.tar"
+    torch.save(blob, path, _use_new_zipfile_serialization=False)
+    model = import_authors_checkpoint(path, "imram", f30k_vocab)
+    assert model.authors_metadata["best_rsum"] == 512.25

@@ -1,17 +1,23 @@
 """Import checkpoints saved by the authors' released CAMP and IMRAM training code.
 
 Their files pickle the training options (``argparse.Namespace`` for IMRAM,
-``easydict.EasyDict`` for CAMP). We read them with torch's restricted ``weights_only``
-unpickler, letting through only those two class names, mapped onto plain stand-ins, so
-neither their code nor easydict is needed and no other code in the file can run.
+``easydict.EasyDict`` for CAMP). We read them with an unpickler that resolves only an
+allow-list of globals (tensor rebuilding, ``OrderedDict``, numpy scalars, and those two
+option classes mapped onto plain stand-ins), so neither their code nor easydict is
+needed and nothing else in the file can run.
 """
 
 from __future__ import annotations
 
+import codecs
+import pickle
 import re
+import types
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from xmr.data.vocab import Vocabulary
@@ -31,7 +37,39 @@ class _PickledEasyDict(dict):
     """Stands in for ``easydict.EasyDict`` (a dict that mirrors its items as attributes)."""
 
 
-_STAND_INS = [(_PickledNamespace, "argparse.Namespace"), (_PickledEasyDict, "easydict.EasyDict")]
+def _numpy_scalar(dtype: np.dtype, data: bytes) -> Any:
+    """Rebuilds a pickled numpy scalar (``best_rsum`` is one in real checkpoints) from raw bytes."""
+    return np.frombuffer(data, dtype=dtype)[0].item()
+
+
+# Every global the unpickler may resolve; anything else in the file is refused unrun.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("argparse", "Namespace"): _PickledNamespace,
+    ("easydict", "EasyDict"): _PickledEasyDict,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # numpy scalars carry their bytes through it
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}") from None
+
+
+# what torch.load needs of a pickle module: Unpickler (and load, for the legacy format)
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__="xmr_restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
+    load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load(),
+)
 
 
 def _plain(value: Any) -> Any:
@@ -46,14 +84,13 @@ def _plain(value: Any) -> Any:
 
 
 def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict with ``opt`` as a plain mapping. Only tensors, containers and
-    the two option classes are unpickled."""
+    """The checkpoint dict with ``opt`` as a plain mapping. Only tensors, containers, numpy
+    scalars and the two option classes are unpickled; any other global is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_STAND_INS):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except Exception as e:  # unpickling errors come in many types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot read as an authors' checkpoint: {first_line}") from e
