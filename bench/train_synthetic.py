@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def main() -> None:
     results = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "command": "python bench/train_synthetic.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
-        "train_config": vars(cfg) | {},
+        "command": "python " + " ".join(sys.argv),
+        "train_config": vars(cfg),
         "synth_config": json.loads((args.data / "synth_config.json").read_text()),
         "models": {kind: run_model(kind, args.data, args.out, cfg) for kind in args.models},
     }

@@ -4,20 +4,24 @@ import torch
 
 from xmr.errors import ShapeError
 from xmr.eval.metrics import recall_report
-from xmr.models.losses import bce_hardest_negative, triplet_hardest_negative
+from xmr.models.losses import bce_loss, triplet_loss
 
 
 def test_triplet_hardest_negative_by_hand():
-    s = torch.tensor([[0.9, 0.8, 0.1], [0.3, 0.5, 0.6], [0.0, 0.2, 0.7]])
+    s = torch.tensor([[0.9, 0.8, 0.1], [0.45, 0.5, 0.6], [0.0, 0.2, 0.7]])
     # rows (image -> captions): hardest violations 0.2+0.8-0.9=0.1, 0.2+0.6-0.5=0.3, 0.2+0.2-0.7<0 -> 0
-    # columns (caption -> images): 0.2+0.3-0.9<0 -> 0, 0.2+0.8-0.5=0.5, 0.2+0.6-0.7=0.1
-    assert triplet_hardest_negative(s, 0.2).item() == pytest.approx(0.1 + 0.3 + 0.0 + 0.0 + 0.5 + 0.1)
+    # columns (caption -> images): 0.2+0.45-0.9<0 -> 0, 0.2+0.8-0.5=0.5, 0.2+0.6-0.7=0.1
+    assert triplet_loss(s, 0.2).item() == pytest.approx(0.1 + 0.3 + 0.0 + 0.0 + 0.5 + 0.1)
+    # all negatives: row 1 also violates with 0.2+0.45-0.5=0.15
+    assert triplet_loss(s, 0.2, hardest=False).item() == pytest.approx(0.1 + (0.15 + 0.3) + 0.5 + 0.1)
 
 
 def test_bce_hardest_negative_by_hand():
     s = torch.tensor([[0.9, 0.8], [0.3, 0.6]])
     expected = -(2 * (np.log(0.9) + np.log(0.6)) + (np.log(0.2) + np.log(0.7)) + (np.log(0.7) + np.log(0.2)))
-    assert bce_hardest_negative(s).item() == pytest.approx(expected, rel=1e-6)
+    assert bce_loss(s).item() == pytest.approx(expected, rel=1e-6)
+    all_negatives = -((np.log(0.9) + np.log(0.6)) / 2 + (np.log(0.2) + np.log(0.7)) / 4)
+    assert bce_loss(s, hardest=False).item() == pytest.approx(all_negatives, rel=1e-6)
 
 
 def test_recall_on_a_matrix_with_known_ranks():

@@ -79,7 +79,7 @@ def test_synthetic_twins_differ_only_in_binding(tmp_path):
     assert {n for _, n in first} <= {n for _, n in first | second}
     assert first.isdisjoint(second)  # the same noun never has the same colour in both twins
     # without noise or clutter, pooled regions are identical while the regions themselves differ
-    np.testing.assert_allclose(feats[0].sum(0), feats[1].sum(0), atol=1e-5)
+    np.testing.assert_allclose(feats[0].sum(0), feats[1].sum(0), atol=1e-4)
     distances = np.linalg.norm(feats[0][:, None] - feats[1][None], axis=-1)
     assert distances.min() > 0.1
 

@@ -73,7 +73,8 @@ def data_synth(
     regions: int = typer.Option(12, help="Regions per image."),
     objects: int = typer.Option(3, help="Objects per image (the rest of the regions are clutter)."),
     img_dim: int = typer.Option(128, help="Region feature size."),
-    noise: float = typer.Option(0.5, help="Per-region noise (prototypes have norm 1)."),
+    noise: float = typer.Option(0.5, help="Per-region noise, relative to a prototype's norm."),
+    scale: float = typer.Option(10.0, help="Norm of the region prototypes (real bottom-up features: tens)."),
     seed: int = typer.Option(0, help="Random seed; the same options give the same files."),
     vocab: Optional[Path] = typer.Option(None, help="Write this SCAN vocabulary (e.g. the Flickr30K one) instead of the small built-in one."),
 ) -> None:
@@ -81,7 +82,7 @@ def data_synth(
     from xmr.data import SynthConfig, Vocabulary, write_synthetic
 
     cfg = SynthConfig(n_train=n_train, n_dev=n_dev, n_test=n_test, regions=regions, objects=objects,
-                      img_dim=img_dim, noise=noise, seed=seed)
+                      img_dim=img_dim, noise=noise, scale=scale, seed=seed)
     write_synthetic(out, cfg, Vocabulary.load(vocab) if vocab else None)
     console.print(f"wrote synthetic dataset to {out}")
 
@@ -104,11 +105,12 @@ def train(
     word_dim: Optional[int] = typer.Option(None, help="Word embedding size (overrides --size)."),
     mode: ImramMode = typer.Option(ImramMode.full, help="IMRAM matching mode."),
     steps: int = typer.Option(3, help="IMRAM matching steps K."),
-    epochs: int = typer.Option(3, help="Training epochs."),
+    epochs: int = typer.Option(4, help="Training epochs."),
     batch_size: int = typer.Option(64, help="Captions per batch."),
     lr: float = typer.Option(1e-3, help="Initial Adam learning rate."),
     lr_update: int = typer.Option(2, help="Decay the learning rate x0.1 every this many epochs."),
     grad_clip: float = typer.Option(2.0, help="Gradient norm clipping threshold."),
+    warmup_epochs: int = typer.Option(2, help="Epochs on all negatives before the hardest-negative loss."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     seed: int = typer.Option(0, help="Random seed."),
     max_steps: int = typer.Option(0, help="Stop after this many steps (0: run all epochs)."),
@@ -127,7 +129,7 @@ def train(
     config = make_config(model.value, vocab_size=len(vocabulary), img_dim=train_split.img_dim, **dims, **extra)
     net = build_model(config, vocabulary)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, lr_update=lr_update,
-                      grad_clip=grad_clip, seed=seed, device=device, max_steps=max_steps)
+                      grad_clip=grad_clip, warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps)
     out = out or Path("runs") / model.value
     log = run_training(net, train_split, dev_split, cfg, out)
     console.print(f"best dev rsum {log['best_dev_rsum']:.1f}; checkpoint: {out / 'checkpoint.pt'}")

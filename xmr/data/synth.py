@@ -1,8 +1,10 @@
 """Deterministic synthetic retrieval data in the SCAN precomp format.
 
 An image is a set of ``regions`` region vectors: ``objects`` of them show an object, a
-noun with a colour (``feature = noun_prototype + colour_prototype + noise``), the rest
-are clutter (background prototypes + noise). Each caption names some of the image's
+noun with a colour (``feature = scale * (noun_prototype + colour_prototype + noise)``), the
+rest are clutter (background prototypes + noise). Prototypes are random unit vectors;
+``scale`` gives features the magnitude of real bottom-up features (norms in the tens),
+which matters to models that do not normalise their embeddings (CAMP). Each caption names some of the image's
 objects with their colours, in words from the real Flickr30K vocabulary
 ("a red car beside a white dog").
 
@@ -64,7 +66,8 @@ class SynthConfig:
     regions: int = 12  # regions per image (objects + clutter), like the 36 of bottom-up features
     objects: int = 3  # objects per image; captions name 1 to min(objects, 3) of them
     img_dim: int = 128  # region feature size (2048 for real bottom-up features)
-    noise: float = 0.5  # std of the per-region noise, relative to a prototype's norm (1)
+    noise: float = 0.5  # std of the per-region noise, relative to a prototype's norm
+    scale: float = 10.0  # norm of a prototype; bottom-up region features have norms in the tens
     clutter_types: int = 16  # background prototypes for non-object regions
     seed: int = 0
 
@@ -76,8 +79,8 @@ class SynthConfig:
         for name in ("n_train", "n_dev", "n_test"):
             if getattr(self, name) < 2 or getattr(self, name) % 2:
                 raise ValueError(f"{name} must be an even number >= 2 (images come in twins), got {getattr(self, name)}")
-        if self.captions_per_image < 1 or self.img_dim < 1 or self.noise < 0:
-            raise ValueError("captions_per_image and img_dim must be positive, noise >= 0")
+        if self.captions_per_image < 1 or self.img_dim < 1 or self.noise < 0 or self.scale <= 0:
+            raise ValueError("captions_per_image, img_dim and scale must be positive, noise >= 0")
 
 
 @dataclass
@@ -107,7 +110,7 @@ def _region_features(cfg: SynthConfig, protos: _Prototypes, nouns: np.ndarray, c
     clutter = rng.integers(cfg.clutter_types, size=cfg.regions - cfg.objects)
     regions[cfg.objects :] = protos.clutter[clutter]
     regions += cfg.noise * rng.standard_normal(regions.shape) / np.sqrt(cfg.img_dim)
-    return regions[rng.permutation(cfg.regions)]
+    return cfg.scale * regions[rng.permutation(cfg.regions)]
 
 
 def _caption(nouns: np.ndarray, colors: np.ndarray, rng: np.random.Generator) -> str:

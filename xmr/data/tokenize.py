@@ -10,6 +10,7 @@ occasionally two) this gives the same tokens.
 from __future__ import annotations
 
 import re
+
 import torch
 from nltk.tokenize import word_tokenize
 

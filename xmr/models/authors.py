@@ -204,6 +204,9 @@ def _camp_state(blob: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def _load_weights(model: RetrievalModel, state: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"keys {unexpected} have no place in the model its options describe")
     for key, tensor in expected.items():
         if key not in state:
             raise CheckpointError(f"missing key for {key!r} in the checkpoint")

@@ -56,6 +56,7 @@ class RetrievalModel(nn.Module):
         """``score(encode_images(features), encode_texts(ids, lengths), lengths)``."""
         return self.score(self.encode_images(features), self.encode_texts(ids, lengths), lengths)
 
-    def loss(self, scores: torch.Tensor) -> torch.Tensor:
-        """Training loss of a square ``[B, B]`` score matrix whose diagonal holds the positives."""
+    def loss(self, scores: torch.Tensor, hardest: bool = True) -> torch.Tensor:
+        """Training loss of a square ``[B, B]`` score matrix whose diagonal holds the positives;
+        ``hardest``: only the hardest negative per row and column (the authors' max_violation)."""
         raise NotImplementedError

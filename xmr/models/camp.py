@@ -15,7 +15,7 @@ from xmr.data.vocab import Vocabulary
 from xmr.models.base import RetrievalModel
 from xmr.models.config import CampConfig
 from xmr.models.layers import MASKED_LOGIT, l2norm, length_mask, qkv_attention, xavier_uniform_
-from xmr.models.losses import bce_hardest_negative
+from xmr.models.losses import bce_loss
 
 
 class SummaryAttention(nn.Module):
@@ -82,5 +82,5 @@ class Camp(RetrievalModel):
         gate = torch.sigmoid((v * f).sum(dim=-1, keepdim=True))
         return torch.relu(fc(torch.cat([v, f], dim=-1) * gate)) + v
 
-    def loss(self, scores: torch.Tensor) -> torch.Tensor:
-        return bce_hardest_negative(scores)
+    def loss(self, scores: torch.Tensor, hardest: bool = True) -> torch.Tensor:
+        return bce_loss(scores, hardest)

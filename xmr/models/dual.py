@@ -11,7 +11,7 @@ import torch
 from xmr.models.base import RetrievalModel
 from xmr.models.config import DualEncoderConfig
 from xmr.models.layers import l2norm, length_mask
-from xmr.models.losses import triplet_hardest_negative
+from xmr.models.losses import triplet_loss
 
 
 class DualEncoder(RetrievalModel):
@@ -23,5 +23,5 @@ class DualEncoder(RetrievalModel):
         caption = l2norm((cap_emb * mask).sum(dim=1) / mask.sum(dim=1))  # (Nt, D)
         return image @ caption.T
 
-    def loss(self, scores: torch.Tensor) -> torch.Tensor:
-        return triplet_hardest_negative(scores, self.config.margin)
+    def loss(self, scores: torch.Tensor, hardest: bool = True) -> torch.Tensor:
+        return triplet_loss(scores, self.config.margin, hardest)

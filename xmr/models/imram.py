@@ -14,7 +14,7 @@ from xmr.data.vocab import Vocabulary
 from xmr.models.base import RetrievalModel
 from xmr.models.config import ImramConfig
 from xmr.models.layers import cosine, l2norm, leaky_relu, length_mask, masked_mean
-from xmr.models.losses import triplet_hardest_negative
+from xmr.models.losses import triplet_loss
 
 
 def attend(query: torch.Tensor, context: torch.Tensor, lambda_softmax: float,
@@ -95,5 +95,5 @@ class Imram(RetrievalModel):
             score = score + self.image_steps(img_emb, cap_emb, lengths).sum(0)
         return score
 
-    def loss(self, scores: torch.Tensor) -> torch.Tensor:
-        return triplet_hardest_negative(scores, self.config.margin)
+    def loss(self, scores: torch.Tensor, hardest: bool = True) -> torch.Tensor:
+        return triplet_loss(scores, self.config.margin, hardest)

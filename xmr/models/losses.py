@@ -1,4 +1,8 @@
-"""The authors' training objectives on a square score matrix (diagonal = matching pairs)."""
+"""The authors' training objectives on a square score matrix (diagonal = matching pairs).
+
+Each comes in the authors' two variants: ``hardest=True`` (their ``max_violation``: the
+hardest negative per image and per caption) and ``hardest=False`` (all negatives).
+"""
 
 from __future__ import annotations
 
@@ -12,23 +16,29 @@ def _off_diagonal(scores: torch.Tensor) -> torch.Tensor:
     return ~torch.eye(scores.size(0), dtype=torch.bool, device=scores.device)
 
 
-def triplet_hardest_negative(scores: torch.Tensor, margin: float) -> torch.Tensor:
-    """VSE++ ranking loss with the hardest negative per image and per caption (summed)."""
+def triplet_loss(scores: torch.Tensor, margin: float, hardest: bool = True) -> torch.Tensor:
+    """VSE++ hinge loss ``[margin + s_neg - s_pos]+`` per image (over captions) and per caption
+    (over images): the hardest negative of each, or the sum over all negatives."""
     positives = scores.diag()
     off = _off_diagonal(scores)
     cost_caption = (margin + scores - positives[:, None]).clamp(min=0) * off  # per image row
     cost_image = (margin + scores - positives[None, :]).clamp(min=0) * off  # per caption column
-    return cost_caption.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()
+    if hardest:
+        return cost_caption.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()
+    return cost_caption.sum() + cost_image.sum()
 
 
-def bce_hardest_negative(scores: torch.Tensor) -> torch.Tensor:
-    """CAMP's loss on sigmoid scores: -(2 Σ log s_ii + Σ_rows min log(1-s) + Σ_cols min log(1-s)).
+def bce_loss(scores: torch.Tensor, hardest: bool = True) -> torch.Tensor:
+    """CAMP's binary cross-entropy on sigmoid scores, as released.
 
-    As released: the positive term is counted twice and the hardest negative is the
-    off-diagonal minimum of log(1 - s) (the diagonal contributes 0 to the minimum).
+    hardest: ``-(2 Σ log s_ii + Σ_rows min log(1-s) + Σ_cols min log(1-s))`` (the positive
+    term is counted twice in their code, and the diagonal contributes 0 to the minima);
+    otherwise ``-(mean_i log s_ii + mean_ij (1-I) log(1-s_ij))``.
     """
     s = scores.clamp(min=BCE_EPS, max=1.0 - BCE_EPS)
     off = _off_diagonal(s)
-    positive = torch.log(s.diag()).sum()
     negative = torch.log(1.0 - s) * off
-    return -(2 * positive + negative.min(dim=1).values.sum() + negative.min(dim=0).values.sum())
+    if hardest:
+        positive = torch.log(s.diag()).sum()
+        return -(2 * positive + negative.min(dim=1).values.sum() + negative.min(dim=0).values.sum())
+    return -(torch.log(s.diag()).mean() + negative.mean())
