@@ -26,7 +26,7 @@ def test_synth_train_eval(tmp_path, model):
     data = tmp_path / "data"
     assert invoke("data", "synth", "-o", data, "--n-train", 20, "--n-dev", 4, "--n-test", 4, "--img-dim", 8).exit_code == 0
     result = invoke("train", "--model", model, "--data", data, "-o", tmp_path / "run", "--embed-size", 8,
-                    "--word-dim", 8, "--epochs", 2, "--batch-size", 16, "--steps", 2)
+                    "--word-dim", 8, "--epochs", 2, "--warmup-epochs", 1, "--batch-size", 16, "--steps", 2)
     assert result.exit_code == 0, result.output
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert len(log["epochs"]) == 2 and log["epochs"][1]["steps"] == 12
