@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from xmr.data.precomp import PrecompSplit
-from xmr.models.base import RetrievalModel
+from xmr.models.base import RetrievalModel, select_items
 from xmr.progress import progress
 
-# Largest per-block intermediate, in elements: pairs x tokens x 2D (IMRAM's memory input,
-# CAMP's fusion input). 2^26 floats = 256 MB in float32.
-BLOCK_ELEMENTS = 1 << 26
+# Largest per-block intermediate, in elements: pairs x tokens x 2D (IMRAM's memory input).
+# CPU: 2^23 floats (32 MB) measured fastest at the released sizes (bench/scoring_cost.py);
+# larger blocks fall out of cache and lose up to half the throughput. GPU: 2^26 (256 MB).
+BLOCK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
 
 
 @dataclass
@@ -47,7 +48,7 @@ def encode_split(model: RetrievalModel, split: PrecompSplit, batch_size: int = 2
     return EncodedSplit(torch.cat(images), cap_emb, torch.cat(lengths))
 
 
-def block_shape(n_images: int, n_captions: int, tokens: int, dim: int, budget: int = BLOCK_ELEMENTS) -> tuple[int, int]:
+def block_shape(n_images: int, n_captions: int, tokens: int, dim: int, budget: int = BLOCK_ELEMENTS["cpu"]) -> tuple[int, int]:
     """(images, captions) per block so that pairs x tokens x 2D stays within ``budget``."""
     pairs = max(1, budget // max(1, tokens * 2 * dim))
     image_block = max(1, min(n_images, int(pairs ** 0.5)))
@@ -57,25 +58,29 @@ def block_shape(n_images: int, n_captions: int, tokens: int, dim: int, budget: i
 
 @torch.no_grad()
 def score_matrix(model: RetrievalModel, encoded: EncodedSplit, show_progress: bool = True,
-                 budget: int = BLOCK_ELEMENTS) -> np.ndarray:
-    """float32 scores ``[Ni, Nt]`` (rows images). Captions are scored in blocks of similar
-    length, each block cut to its own longest caption, so padding costs little."""
+                 budget: int | None = None) -> np.ndarray:
+    """float32 scores ``[Ni, Nt]`` (rows images). Every image and caption is prepared once
+    (the per-item part of the fast scorer); captions are scored in blocks of similar length,
+    each block cut to its own longest caption, so padding costs little."""
     model.eval()
     device = next(model.parameters()).device
+    budget = budget or BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"])
     img_emb, cap_emb, lengths = encoded.img_emb, encoded.cap_emb, encoded.lengths
     n_img, n_cap = img_emb.size(0), cap_emb.size(0)
     order = torch.argsort(lengths, stable=True)
     tokens = img_emb.size(1) + int(lengths.max())
     image_block, caption_block = block_shape(n_img, n_cap, tokens, img_emb.size(-1), budget)
     out = np.empty((n_img, n_cap), dtype=np.float32)
-    blocks = [(i, c) for c in range(0, n_cap, caption_block) for i in range(0, n_img, image_block)]
+    images = model.prepare_images(img_emb.to(device))
+    n_blocks = -(-n_cap // caption_block) * -(-n_img // image_block)
     with progress(show_progress) as bar:
-        task = bar.add_task("score", total=len(blocks), info=f"{n_img}x{n_cap} pairs")
-        for i, c in blocks:
+        task = bar.add_task("score", total=n_blocks, info=f"{n_img}x{n_cap} pairs")
+        for c in range(0, n_cap, caption_block):
             cols = order[c : c + caption_block]
             block_len = int(lengths[cols].max())
-            caps = cap_emb[cols, :block_len].to(device)
-            imgs = img_emb[i : i + image_block].to(device)
-            out[i : i + image_block, cols.numpy()] = model.score(imgs, caps, lengths[cols].to(device)).float().cpu().numpy()
-            bar.advance(task)
+            texts = model.prepare_texts(cap_emb[cols, :block_len].to(device), lengths[cols].to(device))
+            for i in range(0, n_img, image_block):
+                scores = model.score_prepared(select_items(images, slice(i, i + image_block)), texts)
+                out[i : i + image_block, cols.numpy()] = scores.float().cpu().numpy()
+                bar.advance(task)
     return out

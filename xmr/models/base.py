@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -11,15 +13,23 @@ from xmr.models.layers import (
     ImageEncoder, TextEncoder, check_embeddings, check_features, check_tokens,
 )
 
+Prepared = dict[str, torch.Tensor]  # per-item tensors, the item index first (see ``prepare_images``)
+
+
+def select_items(items: Prepared, index: slice | torch.Tensor) -> Prepared:
+    """The prepared tensors of a subset of the items (every tensor is indexed on its first dim)."""
+    return {name: tensor[index] for name, tensor in items.items()}
+
 
 class RetrievalModel(nn.Module):
     """Base of CAMP, IMRAM and the dual-encoder baseline.
 
-    Subclasses implement ``score(img_emb, cap_emb, lengths) -> [Ni, Nt]`` (rows images,
-    columns captions) and ``loss(scores)`` for a square training batch.
+    Subclasses implement ``_score_direct`` (the equations on the pair grid), optionally the
+    fast form (``prepare_images`` / ``prepare_texts`` / ``score_prepared``), and ``loss``.
     """
 
     config: ModelConfig
+    _authors_options: ClassVar[dict[str, Any]] = {}  # ``_score_direct`` options that reproduce the released code
 
     def __init__(self, config: ModelConfig, vocab: Vocabulary | None = None) -> None:
         super().__init__()
@@ -44,12 +54,45 @@ class RetrievalModel(nn.Module):
         check_tokens(ids, lengths, self.config.vocab_size)
         return self.txt_enc(ids.long(), lengths.long())
 
-    def score(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Scores ``[Ni, Nt]`` of every (image, caption) pair."""
-        check_embeddings(img_emb, cap_emb, lengths, self.config.embed_size)
-        return self._score(img_emb, cap_emb, lengths.to(cap_emb.device).long())
+    def score(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
+              direct: bool = False) -> torch.Tensor:
+        """Scores ``[Ni, Nt]`` of every (image, caption) pair.
 
-    def _score(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        By default in the fast form: per-item work (``prepare_images`` / ``prepare_texts``)
+        done once per image and caption, only the truly per-pair work on the pair grid.
+        ``direct=True`` runs the straightforward form of the equations (the reference)."""
+        check_embeddings(img_emb, cap_emb, lengths, self.config.embed_size)
+        lengths = lengths.to(cap_emb.device).long()
+        if direct:
+            return self._score_direct(img_emb, cap_emb, lengths)
+        return self.score_prepared(self.prepare_images(img_emb), self.prepare_texts(cap_emb, lengths))
+
+    def prepare_images(self, img_emb: torch.Tensor) -> Prepared:
+        """Per-image tensors the fast scorer needs (``regions`` plus model-specific precomputations)."""
+        return {"regions": img_emb}
+
+    def prepare_texts(self, cap_emb: torch.Tensor, lengths: torch.Tensor) -> Prepared:
+        """Per-caption tensors the fast scorer needs (``words``, ``lengths`` plus precomputations)."""
+        return {"words": cap_emb, "lengths": lengths}
+
+    def score_prepared(self, images: Prepared, texts: Prepared) -> torch.Tensor:
+        """Scores ``[Ni, Nt]`` from prepared items (see ``prepare_images`` / ``prepare_texts``)."""
+        return self._score_direct(images["regions"], texts["words"], texts["lengths"])
+
+    def score_authors_style(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The speed baseline: scores ``[Ni, Nt]`` computed the way the released evaluation code
+        does (Python loops over items, the straightforward form, the released code's extra
+        work; ``flops.released_evaluation_flops``). Same values as ``score``."""
+        check_embeddings(img_emb, cap_emb, lengths, self.config.embed_size)
+        return self._authors_loop(img_emb, cap_emb, lengths.to(cap_emb.device).long())
+
+    def _authors_loop(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """A loop over captions, each cut to its length and scored against every image."""
+        columns = [self._score_direct(img_emb, cap_emb[c : c + 1, :n], lengths[c : c + 1], **self._authors_options)
+                   for c, n in enumerate(lengths.tolist())]
+        return torch.cat(columns, dim=1) if columns else img_emb.new_zeros(img_emb.size(0), 0)
+
+    def _score_direct(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def similarity(self, features: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

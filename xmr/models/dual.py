@@ -17,7 +17,7 @@ from xmr.models.losses import triplet_loss
 class DualEncoder(RetrievalModel):
     config: DualEncoderConfig
 
-    def _score(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _score_direct(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         image = l2norm(img_emb.mean(dim=1))  # (Ni, D)
         mask = length_mask(lengths, cap_emb.size(1)).unsqueeze(-1).to(cap_emb.dtype)  # (Nt, L, 1)
         caption = l2norm((cap_emb * mask).sum(dim=1) / mask.sum(dim=1))  # (Nt, D)
