@@ -26,3 +26,7 @@ class ConfigError(XmrError):
 
 class ShapeError(XmrError, ValueError):
     """A tensor given to a public API has the wrong shape or dtype."""
+
+
+class ExportError(XmrError):
+    """An exported graph failed a check (ONNX checker, forbidden ops, parity with PyTorch)."""

@@ -1,0 +1,65 @@
+"""ONNX export: every graph of every model and mode matches PyTorch in ONNX Runtime, has no
+control flow, and a failed check stops the export."""
+
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from xmr.errors import ExportError
+from xmr.export.graphs import graph_specs
+from xmr.export.onnx_export import ATOL, export_model, forbidden_ops
+from conftest import MODEL_VARIANTS, tiny_model
+
+REGIONS = 5
+
+
+@pytest.mark.parametrize("kind, fields", MODEL_VARIANTS)
+def test_every_graph_matches_pytorch_in_onnx_runtime(tmp_path, kind, fields):
+    model = tiny_model(kind, **fields)
+    parity = export_model(model, tmp_path, regions=REGIONS)
+    assert set(parity) == {"image_encoder", "text_encoder", "pair_scorer"}
+    assert parity["pair_scorer"]["scores"] <= ATOL
+    for graph, outputs in parity.items():
+        assert outputs and all(diff <= ATOL for diff in outputs.values()), (graph, outputs)
+        ops = {node.op_type for node in onnx.load(str(tmp_path / f"{graph}.onnx")).graph.node}
+        assert not forbidden_ops(onnx.load(str(tmp_path / f"{graph}.onnx")).graph)
+        assert "Einsum" not in ops
+
+
+def test_text_encoder_graph_honours_each_length(tmp_path):
+    """The exported GRU runs each caption on its own length: padding never leaks in."""
+    import onnxruntime as ort
+
+    model = tiny_model("imram")
+    export_model(model, tmp_path, regions=REGIONS)
+    session = ort.InferenceSession(str(tmp_path / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(4, 50, (3, 10))
+    lengths = torch.tensor([4, 10, 1])
+    out = session.run(None, {"ids": ids.numpy(), "lengths": lengths.numpy()})[0]
+    for row, n in enumerate(lengths.tolist()):
+        alone = session.run(None, {"ids": ids[row : row + 1, :n].numpy(), "lengths": lengths[row : row + 1].numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(out[row, :n]), torch.from_numpy(alone[0]), rtol=0, atol=1e-6)
+        assert (out[row, n:] == 0).all()
+
+
+def test_specs_name_dynamic_axes():
+    specs = graph_specs(tiny_model("camp"), REGIONS)
+    scorer = specs["pair_scorer"]
+    shapes = {t.name: t.shape for t in scorer.inputs}
+    assert shapes["image_regions"] == ["n_images", REGIONS, 16]
+    assert shapes["text_self_scores"] == ["n_captions", "length", "length"]
+    assert shapes["lengths"] == ["n_captions"]
+    assert [t.name for t in scorer.outputs] == ["scores"]
+
+
+def test_control_flow_is_found_in_subgraphs_too():
+    then = helper.make_graph([helper.make_node("Loop", ["n", "c"], ["y"])], "then", [], [])
+    node = helper.make_node("If", ["cond"], ["out"], then_branch=then, else_branch=then)
+    assert forbidden_ops(helper.make_graph([node], "g", [], [])) == {"If", "Loop"}
+
+
+def test_parity_failure_stops_the_export_with_numbers(tmp_path):
+    with pytest.raises(ExportError, match=r"image_encoder: ONNX Runtime differs .*\n- image_regions: max diff = "):
+        export_model(tiny_model("imram"), tmp_path, regions=REGIONS, atol=-1.0)
+    assert not (tmp_path / "image_encoder.onnx").exists()

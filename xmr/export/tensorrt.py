@@ -1,0 +1,100 @@
+"""TensorRT engines from the exported ONNX graphs (TensorRT >= 10, strongly typed).
+
+Precision comes from the graph (fp32 / fp16 tensors, explicit Q/DQ for int8), never from
+builder flags: TensorRT 11 removed ``BuilderFlag.FP16/INT8``. The same code drives
+``tensorrt`` (NVIDIA GPUs, engines for the GPU it runs on) and ``tensorrt_rtx`` (TensorRT for
+RTX), which parses and builds ahead of time without a GPU for a chosen compute capability:
+CI uses it to prove every graph parses and builds. Both modules are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from xmr.errors import ExportError
+from xmr.export.graphs import LENGTH, N_CAPTIONS, N_IMAGES, GraphSpec
+
+MODULES = ("tensorrt", "tensorrt_rtx")
+
+
+@dataclass
+class ProfileShapes:
+    """min / opt / max of every dynamic axis; the runtime's block sizes live inside these."""
+
+    sizes: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {
+        N_IMAGES: (1, 16, 64), N_CAPTIONS: (1, 64, 256), LENGTH: (1, 32, 64)})
+
+    def shape(self, spec_shape: list[int | str], which: int) -> tuple[int, ...]:
+        """The concrete shape of one input at min (0), opt (1) or max (2)."""
+        try:
+            return tuple(d if isinstance(d, int) else self.sizes[d][which] for d in spec_shape)
+        except KeyError as e:
+            raise ExportError(f"no profile size for the dynamic axis {e.args[0]!r}") from e
+
+
+def load_tensorrt(name: str) -> ModuleType | None:
+    """``tensorrt`` or ``tensorrt_rtx`` if it imports here (the builder included), else None."""
+    if name not in MODULES:
+        raise ValueError(f"TensorRT module must be one of {MODULES}, got {name!r}")
+    try:
+        trt = importlib.import_module(name)
+        trt.Builder  # noqa: B018  (the lean/dispatch runtimes import but have no builder)
+    except (ImportError, OSError, AttributeError):
+        return None
+    return trt
+
+
+@dataclass
+class BuildOptions:
+    workspace_bytes: int = 4 << 30
+    optimization_level: int = 3
+    compute_capability: str | None = None  # tensorrt_rtx only: "SM80", "SM89", ...; None: portable
+    timing_cache: Path | None = None
+
+
+def _create_network_flags(trt: ModuleType) -> int:
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def build_engine(trt: ModuleType, onnx_path: Path, spec: GraphSpec, profile: ProfileShapes,
+                 options: BuildOptions | None = None) -> bytes:
+    """A serialized engine for one exported graph; raises ``ExportError`` on any failure."""
+    options = options or BuildOptions()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_create_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    config.builder_optimization_level = options.optimization_level
+    if options.compute_capability is not None:
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, options.compute_capability), 0)
+    cache = _load_timing_cache(config, options.timing_cache)
+    optimization_profile = builder.create_optimization_profile()
+    for tensor in spec.inputs:
+        if tensor.dynamic_axes():
+            optimization_profile.set_shape(tensor.name, *(profile.shape(tensor.shape, i) for i in range(3)))
+    config.add_optimization_profile(optimization_profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ExportError(f"TensorRT failed to build an engine for {onnx_path.name} (see the log above)")
+    if cache is not None and options.timing_cache is not None:
+        options.timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return bytes(memoryview(engine))
+
+
+def _load_timing_cache(config: Any, path: Path | None) -> Any:
+    if path is None:
+        return None
+    cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
