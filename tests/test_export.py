@@ -4,11 +4,12 @@ control flow, and a failed check stops the export."""
 import onnx
 import pytest
 import torch
-from onnx import helper
+from onnx import TensorProto, helper
 
 from xmr.errors import ExportError
 from xmr.export.graphs import graph_specs
-from xmr.export.onnx_export import ATOL, export_model, forbidden_ops
+from xmr.export.onnx_export import TOLERANCES, export_model, forbidden_ops
+from xmr.export.precision import graph_path
 from conftest import MODEL_VARIANTS, tiny_model
 
 REGIONS = 5
@@ -17,14 +18,20 @@ REGIONS = 5
 @pytest.mark.parametrize("kind, fields", MODEL_VARIANTS)
 def test_every_graph_matches_pytorch_in_onnx_runtime(tmp_path, kind, fields):
     model = tiny_model(kind, **fields)
-    parity = export_model(model, tmp_path, regions=REGIONS)
-    assert set(parity) == {"image_encoder", "text_encoder", "pair_scorer"}
-    assert parity["pair_scorer"]["scores"] <= ATOL
-    for graph, outputs in parity.items():
-        assert outputs and all(diff <= ATOL for diff in outputs.values()), (graph, outputs)
-        ops = {node.op_type for node in onnx.load(str(tmp_path / f"{graph}.onnx")).graph.node}
-        assert not forbidden_ops(onnx.load(str(tmp_path / f"{graph}.onnx")).graph)
-        assert "Einsum" not in ops
+    parity = export_model(model, tmp_path, regions=REGIONS, precisions=("fp16",))
+    assert set(parity) == {"fp32", "fp16"}
+    for precision, graphs in parity.items():
+        assert set(graphs) == {"image_encoder", "text_encoder", "pair_scorer"}
+        for graph, outputs in graphs.items():
+            assert outputs and all(diff <= TOLERANCES[precision] for diff in outputs.values()), (precision, graph, outputs)
+            onnx_graph = onnx.load(str(graph_path(tmp_path, graph, precision))).graph
+            assert not forbidden_ops(onnx_graph)
+            assert "Einsum" not in {node.op_type for node in onnx_graph.node}
+            io_types = {t.type.tensor_type.elem_type for t in [*onnx_graph.input, *onnx_graph.output]}
+            assert TensorProto.FLOAT16 not in io_types  # fp32 (and int64) inputs and outputs at every precision
+            weight_types = {w.data_type for w in onnx_graph.initializer if len(w.dims) == 2}
+            assert TensorProto.FLOAT16 not in weight_types if precision == "fp32" else TensorProto.FLOAT not in weight_types
+    assert parity["fp32"]["pair_scorer"]["scores"] <= 1e-4
 
 
 def test_text_encoder_graph_honours_each_length(tmp_path):
@@ -60,6 +67,6 @@ def test_control_flow_is_found_in_subgraphs_too():
 
 
 def test_parity_failure_stops_the_export_with_numbers(tmp_path):
-    with pytest.raises(ExportError, match=r"image_encoder: ONNX Runtime differs .*\n- image_regions: max diff = "):
-        export_model(tiny_model("imram"), tmp_path, regions=REGIONS, atol=-1.0)
+    with pytest.raises(ExportError, match=r"image_encoder \(fp32\): ONNX Runtime differs .*\n- image_regions: max diff = "):
+        export_model(tiny_model("imram"), tmp_path, regions=REGIONS, tolerances={"fp32": -1.0})
     assert not (tmp_path / "image_encoder.onnx").exists()

@@ -1,4 +1,4 @@
-"""Every exported graph parses and builds with the TensorRT builder code users run.
+"""Every exported graph (fp32 and fp16) parses and builds with the TensorRT builder code users run.
 
 On machines without TensorRT and a GPU this uses TensorRT for RTX, which builds engines ahead
 of time for a chosen compute capability (SM80 and SM89 here). Engines are not executed here,
@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, save
 from xmr.errors import ExportError
 from xmr.export.graphs import GraphSpec, TensorSpec, graph_specs
 from xmr.export.onnx_export import export_model
+from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt
 from conftest import MODEL_VARIANTS, tiny_model
 
@@ -19,14 +20,38 @@ pytestmark = pytest.mark.skipif(trt is None, reason="tensorrt_rtx is not install
 TARGETS = ("SM80", "SM89")
 
 
-@pytest.mark.parametrize("kind, fields", MODEL_VARIANTS)
-def test_every_graph_builds_for_each_target(tmp_path, kind, fields):
+@pytest.fixture(scope="module", params=MODEL_VARIANTS, ids=lambda v: f"{v[0]}-{'-'.join(map(str, v[1].values()))}")
+def exported(request, tmp_path_factory):
+    kind, fields = request.param
     model = tiny_model(kind, **fields)
-    export_model(model, tmp_path, regions=5)
-    for name, spec in graph_specs(model, 5).items():
-        for target in TARGETS:
-            engine = build_engine(trt, tmp_path / f"{name}.onnx", spec, ProfileShapes(), BuildOptions(compute_capability=target))
-            assert len(engine) > 1000, (name, target)
+    out = tmp_path_factory.mktemp(kind)
+    export_model(model, out, regions=5, precisions=("fp16",))
+    return out, graph_specs(model, 5)
+
+
+def _build_every_target(out, spec, graph, precision):
+    for target in TARGETS:
+        engine = build_engine(trt, graph_path(out, graph, precision), spec, ProfileShapes(), BuildOptions(compute_capability=target))
+        assert len(engine) > 1000, (graph, precision, target)
+
+
+@pytest.mark.parametrize("graph", ["image_encoder", "text_encoder", "pair_scorer"])
+def test_fp32_graphs_build_for_each_target(exported, graph):
+    out, specs = exported
+    _build_every_target(out, specs[graph], graph, "fp32")
+
+
+@pytest.mark.parametrize("graph", ["image_encoder", "pair_scorer"])
+def test_fp16_graphs_build_for_each_target(exported, graph):
+    out, specs = exported
+    _build_every_target(out, specs[graph], graph, "fp16")
+
+
+@pytest.mark.xfail(strict=True, raises=ExportError,
+                   reason="TensorRT-RTX 1.7 rejects the float16 ONNX GRU (INVALID_NODE); open, see docs/export.md")
+def test_fp16_text_encoder_builds(exported):
+    out, specs = exported
+    _build_every_target(out, specs["text_encoder"], "text_encoder", "fp16")
 
 
 def test_unparsable_graph_is_an_export_error(tmp_path):

@@ -18,10 +18,11 @@ import torch
 
 from xmr.errors import ExportError
 from xmr.export.graphs import GRAPHS, GraphSpec, graph_modules, graph_specs
+from xmr.export.precision import PRECISIONS, convert_to_fp16, graph_path
 from xmr.models.base import RetrievalModel
 
 OPSET = 18  # parsed by TensorRT 10 and 11 (and TensorRT-RTX)
-ATOL = 1e-4  # fp32 graphs against PyTorch, embeddings and scores
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}  # largest absolute difference from PyTorch fp32, any output
 FORBIDDEN_OPS = frozenset({"Loop", "If", "Scan", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase",
                            "SequenceInsert", "SequenceLength", "SequenceMap", "SplitToSequence", "ConcatFromSequence"})
 
@@ -71,6 +72,22 @@ def forbidden_ops(graph: onnx.GraphProto) -> set[str]:
     return found
 
 
+def separate_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every graph output that other nodes also read its own ``Identity`` node, so that
+    precision converters can cast the output without retyping what the graph computes with it."""
+    graph = model.graph
+    consumed = {name for node in graph.node for name in node.input}
+    for output in graph.output:
+        if output.name not in consumed:
+            continue
+        inner = f"{output.name}/inner"
+        for node in graph.node:
+            node.output[:] = [inner if o == output.name else o for o in node.output]
+            node.input[:] = [inner if i == output.name else i for i in node.input]
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name], name=f"{output.name}/output"))
+    return model
+
+
 def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, torch.Tensor], path: Path,
                  opset: int = OPSET) -> Path:
     """Export one graph to ``path`` and run the structural checks."""
@@ -80,6 +97,7 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, tor
         torch.onnx.export(module, tuple(inputs[t.name] for t in spec.inputs), str(path), dynamo=False,
                           opset_version=opset, input_names=[t.name for t in spec.inputs],
                           output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes())
+    onnx.save(separate_outputs(onnx.load(str(path))), str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
@@ -111,26 +129,42 @@ def max_differences(path: Path, module: torch.nn.Module, spec: GraphSpec,
     return diffs
 
 
-def export_model(model: RetrievalModel, out_dir: Path, regions: int = 36, opset: int = OPSET,
-                 atol: float = ATOL) -> dict[str, dict[str, float]]:
-    """Export, check and validate the three fp32 graphs of ``model`` into ``out_dir``.
+def _worst_differences(path: Path, module: torch.nn.Module, spec: GraphSpec,
+                       cases: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    worst: dict[str, float] = {}
+    for case in cases:
+        for output, diff in max_differences(path, module, spec, case).items():
+            worst[output] = max(worst.get(output, 0.0), diff)
+    return worst
 
-    Returns the largest difference per graph and output over ``PARITY_CASES``; raises
-    ``ExportError`` listing every output over ``atol`` (the failing graphs are removed)."""
+
+def export_model(model: RetrievalModel, out_dir: Path, regions: int = 36, precisions: tuple[str, ...] = ("fp32",),
+                 opset: int = OPSET, tolerances: dict[str, float] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Export, check and validate the three graphs of ``model`` into ``out_dir``, in fp32 and
+    each other requested precision (converted from the fp32 graphs).
+
+    Every graph of every precision is compared with the float32 PyTorch model over
+    ``PARITY_CASES``. Returns the largest difference per precision, graph and output; raises
+    ``ExportError`` listing every output over its precision's tolerance (``TOLERANCES``), and
+    removes the failing graph."""
+    tolerances = {**TOLERANCES, **(tolerances or {})}
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown:
+        raise ExportError(f"unknown precision {', '.join(sorted(unknown))}; choose from {', '.join(PRECISIONS)}")
     model = model.float().eval()
     specs, modules = graph_specs(model, regions), graph_modules(model)
     cases = [graph_inputs(model, specs, example_inputs(model, regions, case, seed=i))
              for i, case in enumerate(PARITY_CASES)]
-    parity: dict[str, dict[str, float]] = {}
+    parity: dict[str, dict[str, dict[str, float]]] = {p: {} for p in ("fp32", *precisions)}
     for name in GRAPHS:
-        path = export_graph(modules[name], specs[name], cases[0][name], out_dir / f"{name}.onnx", opset)
-        worst: dict[str, float] = {}
-        for case in cases:
-            for output, diff in max_differences(path, modules[name], specs[name], case[name]).items():
-                worst[output] = max(worst.get(output, 0.0), diff)
-        parity[name] = worst
-        failures = [f"- {output}: max diff = {diff:.3g}" for output, diff in worst.items() if not diff <= atol]
-        if failures:
-            path.unlink(missing_ok=True)
-            raise ExportError(f"{name}: ONNX Runtime differs from PyTorch by more than {atol}:\n" + "\n".join(failures))
+        fp32_path = export_graph(modules[name], specs[name], cases[0][name], graph_path(out_dir, name, "fp32"), opset)
+        for precision in parity:
+            path = fp32_path if precision == "fp32" else convert_to_fp16(fp32_path, graph_path(out_dir, name, precision))
+            worst = _worst_differences(path, modules[name], specs[name], [case[name] for case in cases])
+            parity[precision][name] = worst
+            failures = [f"- {out}: max diff = {d:.3g}" for out, d in worst.items() if not d <= tolerances[precision]]
+            if failures:
+                path.unlink(missing_ok=True)
+                raise ExportError(f"{name} ({precision}): ONNX Runtime differs from PyTorch by more than "
+                                  f"{tolerances[precision]}:\n" + "\n".join(failures))
     return parity

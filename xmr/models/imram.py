@@ -78,7 +78,10 @@ class MemoryUnit(nn.Module):
     def update(self, query: torch.Tensor, pre_activations: torch.Tensor) -> torch.Tensor:
         """The new query from the pre-activations ``[W_l [q; a] + b_l ; W_g [q; a] + b_g]``."""
         gate = torch.sigmoid(pre_activations[..., self.dim :])
-        return torch.lerp(torch.tanh(pre_activations[..., : self.dim]), query, gate)  # g*q + (1-g)*tanh
+        candidate = torch.tanh(pre_activations[..., : self.dim])
+        if torch.onnx.is_in_onnx_export():  # ONNX has no Lerp; its exported form mixes types in fp16
+            return candidate + gate * (query - candidate)
+        return torch.lerp(candidate, query, gate)  # g*q + (1-g)*tanh, one fused pass
 
     def forward(self, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         query = query.expand_as(attended)

@@ -1,0 +1,36 @@
+"""Lower-precision versions of the exported fp32 graphs.
+
+FP16: weights and compute in float16 with float32 inputs and outputs (``keep_io_types``),
+converted by onnxconverter-common. Ops listed in ``FP16_KEEP_FP32`` stay in float32 with
+casts at their borders; ``Cast``, because the converter cannot retype a ``Cast`` to
+float (mask -> float) and would leave the graph ill-typed. (Keeping ``GRU`` in float32 makes
+onnxconverter-common 1.16 hang; see docs/export.md for the float16 GRU and TensorRT.)
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+
+PRECISIONS = ("fp32", "fp16")
+FP16_KEEP_FP32: tuple[str, ...] = ("Cast",)
+
+
+def graph_path(out_dir: Path, graph: str, precision: str) -> Path:
+    """``image_encoder.onnx`` for fp32, ``image_encoder.fp16.onnx`` and so on otherwise."""
+    return out_dir / (f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx")
+
+
+def convert_to_fp16(fp32_path: Path, out_path: Path, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32) -> Path:
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(fp32_path))
+    del model.graph.value_info[:]  # stale float32 annotations would contradict the converted types
+    with warnings.catch_warnings():  # constants below float16's range (the l2-norm eps 1e-8) become 1e-7
+        warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(keep_fp32))
+    onnx.save(converted, str(out_path))
+    return out_path
