@@ -16,7 +16,7 @@ def invoke(*args: str):
 
 
 def test_every_command_has_help():
-    for command in ([], ["data", "synth"], ["train"], ["eval"], ["import-checkpoint"]):
+    for command in ([], ["data", "synth"], ["train"], ["eval"], ["import-checkpoint"], ["export"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 

@@ -191,6 +191,69 @@ def import_checkpoint(
     console.print(f"wrote {out}: {net.kind} {json.dumps(vars(net.config))}", highlight=False)
 
 
+class ExportModel(str, Enum):
+    camp = "camp"
+    imram = "imram"
+
+
+def _default_checkpoint(model: str) -> Path:
+    """README's checkpoint for ``model`` (``runs/MODEL/checkpoint.pt``), trained on the default
+    synthetic data (written first if missing) when it does not exist yet."""
+    checkpoint = Path("runs") / model / "checkpoint.pt"
+    if checkpoint.is_file():
+        return checkpoint
+    console.print(f"no checkpoint at {checkpoint}: training {model} on the default synthetic data "
+                  f"(as `xmr data synth && xmr train --model {model}`; a few minutes on a CPU)")
+    if not (Path("data/synth") / "vocab.json").is_file():
+        app(["data", "synth"], standalone_mode=False)  # the commands' own defaults
+    app(["train", "--model", model], standalone_mode=False)
+    return checkpoint
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    model: ExportModel = typer.Option(..., "--model", "-m", help="Model to export."),
+    checkpoint: Optional[Path] = typer.Option(None, help="xmr checkpoint [default: runs/MODEL/checkpoint.pt, "
+                                                          "trained on the synthetic data first if missing]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory [default: artifacts/MODEL]."),
+    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16 (fp32 is always written)."),
+    engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
+                                          help="Build TensorRT engines [default: when TensorRT and a GPU are present]."),
+    regions: Optional[int] = typer.Option(None, help="Regions per image R [default: the checkpoint's training data, else 36]."),
+    max_images: int = typer.Option(64, help="TensorRT profile: most images per block."),
+    max_captions: int = typer.Option(256, help="TensorRT profile: most captions per block."),
+    max_length: int = typer.Option(64, help="TensorRT profile: longest caption in tokens."),
+    opset: int = typer.Option(18, help="ONNX opset (18 is parsed by TensorRT 10 and 11)."),
+) -> None:
+    """Export a CAMP or IMRAM checkpoint to ONNX (image encoder, text encoder, pair scorer),
+    check every graph against PyTorch, and build TensorRT engines where possible."""
+    from xmr.export.artifacts import export_artifacts
+    from xmr.export.graphs import LENGTH, N_CAPTIONS, N_IMAGES
+    from xmr.export.tensorrt import ProfileShapes
+    from xmr.models.checkpoint import read_checkpoint
+
+    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    path = checkpoint or _default_checkpoint(model.value)
+    kind = read_checkpoint(path).get("model")
+    if kind != model.value:
+        raise ValueError(f"{path} holds a {kind} model, not {model.value}; pass --model {kind} or another --checkpoint")
+    out = out or Path("artifacts") / model.value
+    profile = ProfileShapes({N_IMAGES: (1, max(1, max_images // 4), max_images),
+                             N_CAPTIONS: (1, max(1, max_captions // 4), max_captions),
+                             LENGTH: (1, max(1, max_length // 2), max_length)})
+    with console.status(f"exporting {model.value} from {path}"):
+        manifest = export_artifacts(path, out, ("fp32", *precisions), regions, opset, engine, profile)
+    for name, graph in manifest["graphs"].items():
+        for p, entry in graph["files"].items():
+            worst = max(entry["max_abs_diff_vs_torch_fp32"].values())
+            console.print(f"{name:14} {p}: {out / entry['file']}  max |diff| vs PyTorch {worst:.2g}")
+    engines = manifest["engines"]
+    console.print("TensorRT engines: " + (f"built for {engines['gpu']}" if engines["built"]
+                                          else f"skipped ({engines['reason']})"))
+    console.print(f"manifest: {out / 'manifest.json'}")
+
+
 def main() -> None:
     app(prog_name="xmr")
 

@@ -113,7 +113,8 @@ def train(model: RetrievalModel, train_split: PrecompSplit, dev_split: PrecompSp
                 console.print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  dev rsum {entry['dev']['rsum']:.1f}")
             log["epochs"].append(entry)
             rsum = entry["dev"]["rsum"] if dev_split is not None else float(epoch)
-            metadata = {"epoch": epoch + 1, "dev": entry.get("dev"), "train_config": config_to_dict(cfg)}
+            metadata = {"epoch": epoch + 1, "dev": entry.get("dev"), "train_config": config_to_dict(cfg),
+                        "regions": train_split.regions}
             if rsum > best_rsum:
                 best_rsum = rsum
                 save_checkpoint(model, out / BEST, metadata)

@@ -1,0 +1,85 @@
+"""`xmr export`: artifacts and manifest from a trained checkpoint, and one-line errors."""
+
+import hashlib
+import json
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from xmr.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(result) -> str:
+    return " ".join(result.output.split())  # the console wraps long lines
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny IMRAM trained by the CLI on 6-region synthetic data."""
+    root = tmp_path_factory.mktemp("export_cli")
+    assert invoke("data", "synth", "-o", root / "data", "--n-train", 20, "--n-dev", 4, "--n-test", 4,
+                  "--img-dim", 8, "--regions", 6).exit_code == 0
+    result = invoke("train", "--model", "imram", "--data", root / "data", "-o", root / "run", "--embed-size", 8,
+                    "--word-dim", 8, "--epochs", 1, "--warmup-epochs", 1, "--batch-size", 16)
+    assert result.exit_code == 0, result.output
+    return root / "run" / "checkpoint.pt"
+
+
+def test_export_writes_graphs_and_a_manifest_that_describes_them(trained, tmp_path):
+    out = tmp_path / "artifacts"
+    result = invoke("export", "--model", "imram", "--checkpoint", trained, "-o", out, "--no-engine")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "imram" and manifest["config"]["mode"] == "full" and manifest["opset"] == 18
+    assert manifest["regions"] == 6  # from the checkpoint's training data
+    assert manifest["source_checkpoint"]["sha256"] == sha256(trained)
+    assert manifest["vocab"]["sha256"] == sha256(out / manifest["vocab"]["file"])
+    assert manifest["engines"] == {"built": False, "reason": "not requested"}
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["tools"])
+    assert set(manifest["graphs"]) == {"image_encoder", "text_encoder", "pair_scorer"}
+    for name, graph in manifest["graphs"].items():
+        assert set(graph["files"]) == {"fp32", "fp16"}
+        for precision, entry in graph["files"].items():
+            path = out / entry["file"]
+            assert entry["sha256"] == sha256(path)
+            assert max(entry["max_abs_diff_vs_torch_fp32"].values()) <= entry["tolerance"]
+            model = onnx.load(str(path))
+            assert [i.name for i in model.graph.input] == [t["name"] for t in graph["inputs"]]
+            assert [o.name for o in model.graph.output] == [t["name"] for t in graph["outputs"]]
+    scorer_inputs = {t["name"]: t["shape"] for t in manifest["graphs"]["pair_scorer"]["inputs"]}
+    assert scorer_inputs["image_regions"] == ["n_images", 6, 8]
+
+
+def test_export_only_fp32_when_asked(trained, tmp_path):
+    result = invoke("export", "-m", "imram", "--checkpoint", trained, "-o", tmp_path, "--precision", "fp32", "--no-engine")
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.glob("*.fp16.onnx")) and (tmp_path / "pair_scorer.onnx").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "camp"], "holds a imram model, not camp"),
+    (["--model", "imram", "--engine"], "cannot build TensorRT engines"),
+    (["--model", "imram", "--precision", "fp32,bf8"], "unknown precision bf8"),
+])
+def test_bad_requests_are_one_line_errors(trained, tmp_path, args, message):
+    result = invoke("export", "--checkpoint", trained, "-o", tmp_path, *args)
+    assert result.exit_code == 2 and message in one_line(result) and "Traceback" not in result.output
+
+
+def test_missing_or_corrupt_checkpoint(tmp_path):
+    result = invoke("export", "--model", "camp", "--checkpoint", tmp_path / "none.pt")
+    assert result.exit_code == 2 and "checkpoint not found" in one_line(result)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    result = invoke("export", "--model", "camp", "--checkpoint", tmp_path / "bad.pt")
+    assert result.exit_code == 2 and "not an xmr checkpoint" in one_line(result)
