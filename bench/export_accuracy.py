@@ -1,0 +1,81 @@
+"""Retrieval accuracy of exported graphs per precision, in ONNX Runtime (CPU), on a split.
+
+Runs the artifact directory's three graphs (fp32 and every other precision it holds) over a
+whole split: encoders once per item, the pair scorer on blocks of similar-length captions;
+reports R@1/5/10 both ways, rsum, ΔR against fp32, mean and max absolute score error.
+
+    xmr export --model imram && python bench/export_accuracy.py --artifacts artifacts/imram \\
+        --json docs/results/export_accuracy_imram.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from xmr.data import Vocabulary, load_split
+from xmr.eval.metrics import recall_report
+
+IMAGE_BLOCK, CAPTION_BLOCK = 50, 100
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def score_split(artifacts: Path, manifest: dict, precision: str, split) -> np.ndarray:
+    graphs = {name: session(artifacts / g["files"][precision]["file"]) for name, g in manifest["graphs"].items()}
+    image_names = [t["name"] for t in manifest["graphs"]["image_encoder"]["outputs"]]
+    text_names = [t["name"] for t in manifest["graphs"]["text_encoder"]["outputs"]]
+    images = [graphs["image_encoder"].run(None, {"features": split.image_batch(range(s, min(s + IMAGE_BLOCK, split.n_images))).numpy()})
+              for s in range(0, split.n_images, IMAGE_BLOCK)]
+    _, lengths = split.caption_batch(range(split.n_captions))
+    order = np.argsort(lengths.numpy(), kind="stable")
+    scores = np.empty((split.n_images, split.n_captions), dtype=np.float32)
+    for c in range(0, split.n_captions, CAPTION_BLOCK):
+        cols = order[c : c + CAPTION_BLOCK]
+        ids, lens = split.caption_batch(cols)
+        texts = graphs["text_encoder"].run(None, {"ids": ids.numpy(), "lengths": lens.numpy()})
+        for i, image_block in enumerate(images):
+            feeds = {**dict(zip(image_names, image_block)), **dict(zip(text_names, texts)), "lengths": lens.numpy()}
+            scores[i * IMAGE_BLOCK : i * IMAGE_BLOCK + len(image_block[0]), cols] = graphs["pair_scorer"].run(None, feeds)[0]
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=Path("data/synth"))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    manifest = json.loads((args.artifacts / "manifest.json").read_text())
+    split = load_split(args.data, args.split, Vocabulary.load(args.artifacts / manifest["vocab"]["file"]))
+    precisions = list(manifest["graphs"]["pair_scorer"]["files"])
+    scores = {p: score_split(args.artifacts, manifest, p, split) for p in precisions}
+    rows = {}
+    for p in precisions:
+        report = recall_report(scores[p], split.per_image).to_dict()
+        error = np.abs(scores[p].astype(np.float64) - scores["fp32"])
+        rows[p] = {"recall": report, "mean_abs_score_error": float(error.mean()), "max_abs_score_error": float(error.max())}
+    base = rows["fp32"]["recall"]
+    print(f"{manifest['model']} on {args.data}/{args.split} ({split.n_images} x {split.n_captions} pairs), ONNX Runtime CPU")
+    for p, r in rows.items():
+        rec = r["recall"]
+        keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+        print(f"{p:5} " + " ".join(f"{k} {rec[k]:.1f} ({rec[k] - base[k]:+.1f})" for k in keys)
+              + f"  score error mean {r['mean_abs_score_error']:.2g} max {r['max_abs_score_error']:.2g}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
+                                         "model": manifest["model"], "split": args.split, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
