@@ -70,3 +70,17 @@ def test_parity_failure_stops_the_export_with_numbers(tmp_path):
     with pytest.raises(ExportError, match=r"image_encoder \(fp32\): ONNX Runtime differs .*\n- image_regions: max diff = "):
         export_model(tiny_model("imram"), tmp_path, regions=REGIONS, tolerances={"fp32": -1.0})
     assert not (tmp_path / "image_encoder.onnx").exists()
+
+
+def test_fp16_text_encoder_runs_its_gru_in_fp32(tmp_path):
+    """TensorRT's strongly typed parser rejects a float16 GRU: the recurrence stays float32."""
+    export_model(tiny_model("imram"), tmp_path, regions=REGIONS, precisions=("fp16",))
+    graph = onnx.load(str(graph_path(tmp_path, "text_encoder", "fp16"))).graph
+    produced_by = {out: node for node in graph.node for out in node.output}
+    weights = {w.name: w.data_type for w in graph.initializer}
+    gru = next(node for node in graph.node if node.op_type == "GRU")
+    for name in (gru.input[0], gru.input[1], gru.input[2]):
+        cast = produced_by[name]
+        assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
+    assert weights[produced_by[gru.input[1]].input[0]] == TensorProto.FLOAT16  # stored in float16
+
