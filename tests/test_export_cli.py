@@ -46,6 +46,7 @@ def test_export_writes_graphs_and_a_manifest_that_describes_them(trained, tmp_pa
     assert manifest["source_checkpoint"]["sha256"] == sha256(trained)
     assert manifest["vocab"]["sha256"] == sha256(out / manifest["vocab"]["file"])
     assert manifest["engines"] == {"built": False, "reason": "not requested"}
+    assert manifest["profile"] == {"n_images": [1, 16, 64], "n_captions": [1, 64, 256], "length": [1, 32, 64]}
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["tools"])
     assert set(manifest["graphs"]) == {"image_encoder", "text_encoder", "pair_scorer"}
     for name, graph in manifest["graphs"].items():
@@ -83,3 +84,29 @@ def test_missing_or_corrupt_checkpoint(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     result = invoke("export", "--model", "camp", "--checkpoint", tmp_path / "bad.pt")
     assert result.exit_code == 2 and "not an xmr checkpoint" in one_line(result)
+
+
+@pytest.mark.filterwarnings("ignore:Use Deprecated in TensorRT-RTX:DeprecationWarning")  # timing cache: a no-op there
+def test_engines_are_built_and_recorded_when_tensorrt_and_a_gpu_are_there(trained, tmp_path, monkeypatch):
+    """The engine path of `xmr export`, driven by TensorRT-RTX in place of TensorRT and a GPU
+    (portable engines; what a real GPU and TensorRT add is in docs/export.md)."""
+    import torch
+
+    import xmr.export.artifacts as artifacts
+    from xmr.export.tensorrt import load_tensorrt
+
+    rtx = load_tensorrt("tensorrt_rtx")
+    if rtx is None:
+        pytest.skip("tensorrt_rtx is not installed")
+    monkeypatch.setattr(artifacts, "load_tensorrt", lambda name: rtx)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "test GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 9))
+    manifest = artifacts.export_artifacts(trained, tmp_path, ("fp32", "fp16"), engine=True)
+    engines = manifest["engines"]
+    assert engines["built"] and engines["gpu"] == "test GPU" and engines["compute_capability"] == "8.9"
+    assert engines["tensorrt"] == rtx.__version__
+    for graph, files in engines["files"].items():
+        assert set(files) == {"fp32", "fp16"}
+        assert all((tmp_path / name).stat().st_size > 1000 for name in files.values())
+    assert json.loads((tmp_path / "manifest.json").read_text())["engines"] == engines

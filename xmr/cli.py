@@ -225,12 +225,14 @@ def export_command(
     max_captions: int = typer.Option(256, help="TensorRT profile: most captions per block."),
     max_length: int = typer.Option(64, help="TensorRT profile: longest caption in tokens."),
     opset: int = typer.Option(18, help="ONNX opset (18 is parsed by TensorRT 10 and 11)."),
+    workspace_gib: float = typer.Option(4.0, help="TensorRT builder workspace limit, GiB."),
+    optimization_level: int = typer.Option(3, help="TensorRT builder optimisation level (0-5)."),
 ) -> None:
     """Export a CAMP or IMRAM checkpoint to ONNX (image encoder, text encoder, pair scorer),
     check every graph against PyTorch, and build TensorRT engines where possible."""
     from xmr.export.artifacts import export_artifacts
     from xmr.export.graphs import LENGTH, N_CAPTIONS, N_IMAGES
-    from xmr.export.tensorrt import ProfileShapes
+    from xmr.export.tensorrt import BuildOptions, ProfileShapes
     from xmr.models.checkpoint import read_checkpoint
 
     precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
@@ -242,8 +244,10 @@ def export_command(
     profile = ProfileShapes({N_IMAGES: (1, max(1, max_images // 4), max_images),
                              N_CAPTIONS: (1, max(1, max_captions // 4), max_captions),
                              LENGTH: (1, max(1, max_length // 2), max_length)})
+    build = BuildOptions(workspace_bytes=int(workspace_gib * (1 << 30)), optimization_level=optimization_level,
+                         timing_cache=out / "timing.cache")
     with console.status(f"exporting {model.value} from {path}"):
-        manifest = export_artifacts(path, out, ("fp32", *precisions), regions, opset, engine, profile)
+        manifest = export_artifacts(path, out, ("fp32", *precisions), regions, opset, engine, profile, build)
     for name, graph in manifest["graphs"].items():
         for p, entry in graph["files"].items():
             worst = max(entry["max_abs_diff_vs_torch_fp32"].values())

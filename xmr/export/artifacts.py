@@ -22,7 +22,7 @@ from xmr.errors import ExportError
 from xmr.export.graphs import GRAPHS, graph_specs
 from xmr.export.onnx_export import OPSET, TOLERANCES, export_model
 from xmr.export.precision import graph_path
-from xmr.export.tensorrt import ProfileShapes, build_engine, load_tensorrt
+from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt
 from xmr.models.checkpoint import file_sha256, load_checkpoint, read_checkpoint
 
 MANIFEST = "manifest.json"
@@ -46,7 +46,7 @@ def checkpoint_regions(checkpoint: Path) -> int:
 
 
 def _engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: ProfileShapes,
-             required: bool) -> dict[str, Any]:
+             options: BuildOptions, required: bool) -> dict[str, Any]:
     """Build TensorRT engines on this machine's GPU, or say why not (an error if ``required``)."""
     import torch
 
@@ -61,16 +61,18 @@ def _engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: P
     for name in GRAPHS:
         for precision in precisions:
             path = graph_path(out_dir, name, precision).with_suffix(".engine")
-            path.write_bytes(build_engine(trt, graph_path(out_dir, name, precision), specs[name], profile))
+            path.write_bytes(build_engine(trt, graph_path(out_dir, name, precision), specs[name], profile, options))
             files.setdefault(name, {})[precision] = path.name
     major, minor = torch.cuda.get_device_capability()
     return {"built": True, "files": files, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
-            "compute_capability": f"{major}.{minor}", "profile": {k: list(v) for k, v in profile.sizes.items()}}
+            "compute_capability": f"{major}.{minor}", "workspace_bytes": options.workspace_bytes,
+            "builder_optimization_level": options.optimization_level,
+            "timing_cache": options.timing_cache.name if options.timing_cache else None}
 
 
 def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...] = ("fp32", "fp16"),
                      regions: int | None = None, opset: int = OPSET, engine: bool | None = None,
-                     profile: ProfileShapes | None = None) -> dict[str, Any]:
+                     profile: ProfileShapes | None = None, build: BuildOptions | None = None) -> dict[str, Any]:
     """Export ``checkpoint`` into ``out_dir`` and write its manifest; returns the manifest.
 
     ``engine``: None builds TensorRT engines when TensorRT and a GPU are present, True
@@ -78,6 +80,7 @@ def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...
     model = load_checkpoint(checkpoint)
     regions = regions or checkpoint_regions(checkpoint)
     profile = profile or ProfileShapes()
+    build = build or BuildOptions(timing_cache=out_dir / "timing.cache")  # kept for rebuilds
     others = tuple(p for p in precisions if p != "fp32")
     parity = export_model(model, out_dir, regions=regions, precisions=others, opset=opset)
     specs = graph_specs(model, regions)
@@ -98,8 +101,9 @@ def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...
                                         "precision": p, "max_abs_diff_vs_torch_fp32": parity[p][name],
                                         "tolerance": TOLERANCES[p]} for p in parity}}
                    for name in GRAPHS},
+        "profile": {axis: list(sizes) for axis, sizes in profile.sizes.items()},  # min, opt, max
         "engines": {"built": False, "reason": "not requested"} if engine is False
-        else _engines(out_dir, specs, tuple(parity), profile, required=bool(engine)),
+        else _engines(out_dir, specs, tuple(parity), profile, build, required=bool(engine)),
         "tools": tool_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
