@@ -23,7 +23,7 @@ from xmr.export.graphs import GRAPHS, graph_specs
 from xmr.export.onnx_export import OPSET, TOLERANCES, export_model
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt
-from xmr.models.checkpoint import file_sha256, load_checkpoint, read_checkpoint
+from xmr.models.checkpoint import file_sha256, load_checkpoint
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -38,11 +38,6 @@ def tool_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def checkpoint_regions(checkpoint: Path) -> int:
-    """Regions per image the checkpoint was trained on (its metadata), else ``DEFAULT_REGIONS``."""
-    return int(read_checkpoint(checkpoint).get("metadata", {}).get("regions") or DEFAULT_REGIONS)
 
 
 def _engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: ProfileShapes,
@@ -72,13 +67,18 @@ def _engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: P
 
 def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...] = ("fp32", "fp16"),
                      regions: int | None = None, opset: int = OPSET, engine: bool | None = None,
-                     profile: ProfileShapes | None = None, build: BuildOptions | None = None) -> dict[str, Any]:
+                     profile: ProfileShapes | None = None, build: BuildOptions | None = None,
+                     expected_model: str | None = None) -> dict[str, Any]:
     """Export ``checkpoint`` into ``out_dir`` and write its manifest; returns the manifest.
 
     ``engine``: None builds TensorRT engines when TensorRT and a GPU are present, True
-    requires them, False skips them."""
+    requires them, False skips them. ``regions`` defaults to the checkpoint's training data
+    (its metadata), else ``DEFAULT_REGIONS``. ``expected_model``: refuse another kind."""
     model = load_checkpoint(checkpoint)
-    regions = regions or checkpoint_regions(checkpoint)
+    if expected_model is not None and model.kind != expected_model:
+        raise ValueError(f"{checkpoint} holds a {model.kind} model, not {expected_model}; "
+                         f"pass --model {model.kind} or another --checkpoint")
+    regions = regions or int(model.checkpoint_metadata.get("regions") or DEFAULT_REGIONS)
     profile = profile or ProfileShapes()
     build = build or BuildOptions(timing_cache=out_dir / "timing.cache")  # kept for rebuilds
     others = tuple(p for p in precisions if p != "fp32")
@@ -92,7 +92,7 @@ def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...
         "format": "xmr-artifacts", "format_version": MANIFEST_VERSION,
         "model": model.kind, "config": config_to_dict(model.config), "regions": regions,
         "vocab": None if vocab_file is None else {"file": vocab_file.name, "sha256": file_sha256(vocab_file)},
-        "source_checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+        "source_checkpoint": {"path": str(checkpoint), "sha256": model.checkpoint_sha256},
         "opset": opset,
         "graphs": {name: {"inputs": [dataclasses.asdict(t) for t in specs[name].inputs],
                           "outputs": [dataclasses.asdict(t) for t in specs[name].outputs],

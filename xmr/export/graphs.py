@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from xmr.models.base import Prepared, RetrievalModel
+from xmr.models.base import RetrievalModel
 
 IMAGE_PREFIX, TEXT_PREFIX = "image_", "text_"
 N_IMAGES, N_CAPTIONS, LENGTH = "n_images", "n_captions", "length"
@@ -46,45 +46,41 @@ class GraphSpec:
         return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
 
 
+def _prepared_shapes(model: RetrievalModel, n_images: int, regions: int, n_captions: int,
+                     length: int) -> dict[str, torch.Size]:
+    """Shapes of the prepared image and caption tensors (prefixed names, text without
+    ``lengths``) for zero inputs of the given sizes, in ``prepare_*``'s order."""
+    d, dtype = model.config.embed_size, _float_dtype(model)
+    with torch.no_grad():
+        images = model.prepare_images(torch.zeros(n_images, regions, d, dtype=dtype))
+        texts = model.prepare_texts(torch.zeros(n_captions, length, d, dtype=dtype), torch.full((n_captions,), length))
+    return {**{IMAGE_PREFIX + n: t.shape for n, t in images.items()},
+            **{TEXT_PREFIX + n: t.shape for n, t in texts.items() if n != "lengths"}}
+
+
 def _prepared_names(model: RetrievalModel) -> tuple[list[str], list[str]]:
     """Keys of the prepared image and text dicts (text without ``lengths``), in a fixed order."""
-    d = model.config.embed_size
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        images = model.prepare_images(torch.zeros(1, 2, d, dtype=dtype))
-        texts = model.prepare_texts(torch.zeros(1, 2, d, dtype=dtype), torch.tensor([2]))
-    return list(images), [k for k in texts if k != "lengths"]
+    names = list(_prepared_shapes(model, 1, 2, 1, 2))
+    return ([n.removeprefix(IMAGE_PREFIX) for n in names if n.startswith(IMAGE_PREFIX)],
+            [n.removeprefix(TEXT_PREFIX) for n in names if n.startswith(TEXT_PREFIX)])
 
 
 def _symbolic_shapes(model: RetrievalModel, regions: int) -> dict[str, list[int | str]]:
     """Shapes of every prepared tensor with dynamic axes named, found by preparing two sizes."""
-    d = model.config.embed_size
-    dtype = next(model.parameters()).dtype
-    shapes: dict[str, list[int | str]] = {}
-    with torch.no_grad():
-        small = {**_prefixed(IMAGE_PREFIX, model.prepare_images(torch.zeros(2, regions, d, dtype=dtype))),
-                 **_prefixed(TEXT_PREFIX, model.prepare_texts(torch.zeros(3, 4, d, dtype=dtype), torch.full((3,), 4)))}
-        large = {**_prefixed(IMAGE_PREFIX, model.prepare_images(torch.zeros(5, regions, d, dtype=dtype))),
-                 **_prefixed(TEXT_PREFIX, model.prepare_texts(torch.zeros(7, 6, d, dtype=dtype), torch.full((7,), 6)))}
+    small, large = _prepared_shapes(model, 2, regions, 3, 4), _prepared_shapes(model, 5, regions, 7, 6)
     symbols = {(2, 5): N_IMAGES, (3, 7): N_CAPTIONS, (4, 6): LENGTH}
-    for name, tensor in small.items():
-        shapes[name] = [symbols.get((a, b), a) for a, b in zip(tensor.shape, large[name].shape)]
-    return shapes
+    return {name: [symbols.get((a, b), a) for a, b in zip(shape, large[name])] for name, shape in small.items()}
 
 
-def _prefixed(prefix: str, items: Prepared) -> Prepared:
-    return {prefix + name: tensor for name, tensor in items.items()}
-
-
-def _dtype_name(tensor_dtype: torch.dtype) -> str:
-    return str(tensor_dtype).removeprefix("torch.")
+def _float_dtype(model: RetrievalModel) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def graph_specs(model: RetrievalModel, regions: int) -> dict[str, GraphSpec]:
     """The three graphs' inputs and outputs for ``model`` with ``regions`` regions per image."""
     image_names, text_names = _prepared_names(model)
     shapes = _symbolic_shapes(model, regions)
-    float_type = _dtype_name(next(model.parameters()).dtype)
+    float_type = str(_float_dtype(model)).removeprefix("torch.")
     image_outputs = [TensorSpec(IMAGE_PREFIX + n, float_type, shapes[IMAGE_PREFIX + n]) for n in image_names]
     text_outputs = [TensorSpec(TEXT_PREFIX + n, float_type, shapes[TEXT_PREFIX + n]) for n in text_names]
     lengths = TensorSpec("lengths", "int64", [N_CAPTIONS])

@@ -50,9 +50,9 @@ def example_inputs(model: RetrievalModel, regions: int, case: ParityCase, seed: 
 
 
 @torch.no_grad()
-def graph_inputs(model: RetrievalModel, spec: dict[str, GraphSpec], raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def graph_inputs(modules: dict[str, torch.nn.Module], spec: dict[str, GraphSpec],
+                 raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """The inputs of each graph for one case (the pair scorer's come from the encoders)."""
-    modules = graph_modules(model)
     images = dict(zip((t.name for t in spec["image_encoder"].outputs), modules["image_encoder"](raw["features"])))
     texts = dict(zip((t.name for t in spec["text_encoder"].outputs), modules["text_encoder"](raw["ids"], raw["lengths"])))
     return {"image_encoder": {"features": raw["features"]},
@@ -153,7 +153,7 @@ def export_model(model: RetrievalModel, out_dir: Path, regions: int = 36, precis
         raise ExportError(f"unknown precision {', '.join(sorted(unknown))}; choose from {', '.join(PRECISIONS)}")
     model = model.float().eval()
     specs, modules = graph_specs(model, regions), graph_modules(model)
-    cases = [graph_inputs(model, specs, example_inputs(model, regions, case, seed=i))
+    cases = [graph_inputs(modules, specs, example_inputs(model, regions, case, seed=i))
              for i, case in enumerate(PARITY_CASES)]
     parity: dict[str, dict[str, dict[str, float]]] = {p: {} for p in ("fp32", *precisions)}
     for name in GRAPHS:

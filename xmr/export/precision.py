@@ -2,9 +2,9 @@
 
 FP16: weights and compute in float16 with float32 inputs and outputs (``keep_io_types``),
 converted by onnxconverter-common. Ops listed in ``FP16_KEEP_FP32`` stay in float32 with
-casts at their borders; ``Cast``, because the converter cannot retype a ``Cast`` to
-float (mask -> float) and would leave the graph ill-typed. (Keeping ``GRU`` in float32 makes
-onnxconverter-common 1.16 hang; see docs/export.md for the float16 GRU and TensorRT.)
+casts at their borders: ``Cast``, because the converter cannot retype a ``Cast`` to
+float (mask -> float) and would leave the graph ill-typed. The text encoder's ``GRU`` is
+then put back in float32 (``recurrences_in_fp32``).
 """
 
 from __future__ import annotations
