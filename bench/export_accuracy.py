@@ -17,36 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from xmr.data import Vocabulary, load_split
 from xmr.eval.metrics import recall_report
-
-IMAGE_BLOCK, CAPTION_BLOCK = 50, 100
-
-
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def score_split(artifacts: Path, manifest: dict, precision: str, split) -> np.ndarray:
-    graphs = {name: session(artifacts / g["files"][precision]["file"]) for name, g in manifest["graphs"].items()}
-    image_names = [t["name"] for t in manifest["graphs"]["image_encoder"]["outputs"]]
-    text_names = [t["name"] for t in manifest["graphs"]["text_encoder"]["outputs"]]
-    images = [graphs["image_encoder"].run(None, {"features": split.image_batch(range(s, min(s + IMAGE_BLOCK, split.n_images))).numpy()})
-              for s in range(0, split.n_images, IMAGE_BLOCK)]
-    _, lengths = split.caption_batch(range(split.n_captions))
-    order = np.argsort(lengths.numpy(), kind="stable")
-    scores = np.empty((split.n_images, split.n_captions), dtype=np.float32)
-    for c in range(0, split.n_captions, CAPTION_BLOCK):
-        cols = order[c : c + CAPTION_BLOCK]
-        ids, lens = split.caption_batch(cols)
-        texts = graphs["text_encoder"].run(None, {"ids": ids.numpy(), "lengths": lens.numpy()})
-        for i, image_block in enumerate(images):
-            feeds = {**dict(zip(image_names, image_block)), **dict(zip(text_names, texts)), "lengths": lens.numpy()}
-            scores[i * IMAGE_BLOCK : i * IMAGE_BLOCK + len(image_block[0]), cols] = graphs["pair_scorer"].run(None, feeds)[0]
-    return scores
-
+from xmr.eval.onnx_scoring import OnnxPipeline, score_split
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +32,8 @@ def main() -> None:
     manifest = json.loads((args.artifacts / "manifest.json").read_text())
     split = load_split(args.data, args.split, Vocabulary.load(args.artifacts / manifest["vocab"]["file"]))
     precisions = list(manifest["graphs"]["pair_scorer"]["files"])
-    scores = {p: score_split(args.artifacts, manifest, p, split) for p in precisions}
+    scores = {p: score_split(OnnxPipeline({g: args.artifacts / graph["files"][p]["file"] for g, graph in manifest["graphs"].items()}), split)
+              for p in precisions}
     rows = {}
     for p in precisions:
         report = recall_report(scores[p], split.per_image).to_dict()

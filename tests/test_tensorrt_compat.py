@@ -1,4 +1,4 @@
-"""Every exported graph (fp32 and fp16) parses and builds with the TensorRT builder code users run.
+"""Every exported graph (fp32, fp16 and INT8 Q/DQ) parses and builds with the TensorRT builder code users run.
 
 On machines without TensorRT and a GPU this uses TensorRT for RTX, which builds engines ahead
 of time for a chosen compute capability (SM80 and SM89 here). Engines are not executed here,
@@ -10,7 +10,10 @@ from onnx import TensorProto, helper, save
 
 from xmr.errors import ExportError
 from xmr.export.graphs import GraphSpec, TensorSpec, graph_specs
-from xmr.export.onnx_export import export_model
+from xmr.calibration.dataset import CalibrationConfig, CalibrationSet
+from xmr.calibration.fallback import Quantizer
+from xmr.export.graphs import GRAPHS, graph_modules
+from xmr.export.onnx_export import PARITY_CASES, example_inputs, export_model, graph_inputs
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt
 from conftest import MODEL_VARIANTS, tiny_model
@@ -26,12 +29,22 @@ def exported(request, tmp_path_factory):
     model = tiny_model(kind, **fields)
     out = tmp_path_factory.mktemp(kind)
     export_model(model, out, regions=5, precisions=("fp16",))
-    return out, graph_specs(model, 5)
+    specs = graph_specs(model, 5)
+    cases = [graph_inputs(graph_modules(model), specs, example_inputs(model, 5, case, seed=i))
+             for i, case in enumerate(PARITY_CASES)]
+    feeds = {g: [{k: v.numpy() for k, v in case[g].items()} for case in cases] for g in GRAPHS}
+    calibration = CalibrationSet(feeds, images=8, captions=15, matching_pairs=0, non_matching_pairs=0, caption_lengths=[1, 9])
+    int8 = Quantizer({g: graph_path(out, g, "fp32") for g in GRAPHS}, calibration, CalibrationConfig(), out / "ranges").build(out)
+    assert all(path.name.endswith(".int8.onnx") for g, path in int8.items() if g != "text_encoder" or kind != "dual")
+    return out, specs
 
 
 def _build_every_target(out, spec, graph, precision):
+    path = graph_path(out, graph, precision)
+    if not path.is_file() and precision == "int8":
+        pytest.skip(f"{graph} has no matmul to quantize")
     for target in TARGETS:
-        engine = build_engine(trt, graph_path(out, graph, precision), spec, ProfileShapes(), BuildOptions(compute_capability=target))
+        engine = build_engine(trt, path, spec, ProfileShapes(), BuildOptions(compute_capability=target))
         assert len(engine) > 1000, (graph, precision, target)
 
 
@@ -45,6 +58,12 @@ def test_fp32_graphs_build_for_each_target(exported, graph):
 def test_fp16_graphs_build_for_each_target(exported, graph):
     out, specs = exported
     _build_every_target(out, specs[graph], graph, "fp16")
+
+
+@pytest.mark.parametrize("graph", ["image_encoder", "text_encoder", "pair_scorer"])
+def test_int8_qdq_graphs_build_for_each_target(exported, graph):
+    out, specs = exported
+    _build_every_target(out, specs[graph], graph, "int8")
 
 
 def test_unparsable_graph_is_an_export_error(tmp_path):

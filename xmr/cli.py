@@ -212,7 +212,10 @@ def export_command(
     checkpoint: Optional[Path] = typer.Option(None, help="xmr checkpoint [default: runs/MODEL/checkpoint.pt, "
                                                           "trained on the synthetic data first if missing]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory [default: artifacts/MODEL]."),
-    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16 (fp32 is always written)."),
+    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16, int8 (fp32 is always "
+                                                    "written; int8 runs `xmr calibrate` with its defaults)."),
+    data: Path = typer.Option(Path("data/synth"), help="Precomp data for int8 calibration (and for training when "
+                                                         "there is no checkpoint yet)."),
     engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
                                           help="Build TensorRT engines [default: when TensorRT and a GPU are present]."),
     regions: Optional[int] = typer.Option(None, help="Regions per image R [default: the checkpoint's training data, else 36]."),
@@ -230,6 +233,9 @@ def export_command(
     from xmr.export.tensorrt import BuildOptions, ProfileShapes
 
     precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    unknown = set(precisions) - {"fp32", "fp16", "int8"}
+    if unknown:
+        raise ValueError(f"unknown precision {', '.join(sorted(unknown))}; choose from fp32, fp16, int8")
     path = checkpoint or _default_checkpoint(model.value)
     out = out or Path("artifacts") / model.value
     profile = ProfileShapes({N_IMAGES: (1, max(1, max_images // 4), max_images),
@@ -238,8 +244,8 @@ def export_command(
     build = BuildOptions(workspace_bytes=int(workspace_gib * (1 << 30)), optimization_level=optimization_level,
                          timing_cache=out / "timing.cache")
     with console.status(f"exporting {model.value} from {path}"):
-        manifest = export_artifacts(path, out, ("fp32", *precisions), regions, opset, engine, profile, build,
-                                    expected_model=model.value)
+        manifest = export_artifacts(path, out, ("fp32", *(p for p in precisions if p != "int8")), regions, opset,
+                                    engine, profile, build, expected_model=model.value)
     for name, graph in manifest["graphs"].items():
         for p, entry in graph["files"].items():
             worst = max(entry["max_abs_diff_vs_torch_fp32"].values())
@@ -247,7 +253,84 @@ def export_command(
     engines = manifest["engines"]
     console.print("TensorRT engines: " + (f"built for {engines['gpu']}" if engines["built"]
                                           else f"skipped ({engines['reason']})"))
+    if "int8" in precisions:
+        from xmr.calibration.dataset import CalibrationConfig
+
+        run_calibration(out, data, CalibrationConfig(), 0.99, "dev", 100, "test", False, engine)
     console.print(f"manifest: {out / 'manifest.json'}")
+
+
+class CalibrationMethodName(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+def _print_int8_report(report_dir: Path) -> None:
+    from xmr.calibration.report import REPORT
+
+    path = report_dir / f"{REPORT}.json"
+    if not path.is_file():
+        return
+    report = json.loads(path.read_text())
+    table = Table(title=f"{report['model']} on {report['split']}: fp32 vs lower precisions (ONNX Runtime CPU)")
+    for name in ("precision", "rsum", "Δ rsum", "mean |err|", "max |err|", "ρ i2t", "ρ t2i", "worst ρ"):
+        table.add_column(name, justify="right")
+    for name, r in report["rows"].items():
+        table.add_row(name, f"{r['rsum']:.1f}", f"{r['delta_rsum']:+.1f}", f"{r['mean_abs_score_error']:.2g}",
+                      f"{r['max_abs_score_error']:.2g}", f"{r['i2t_spearman_mean']:.4f}", f"{r['t2i_spearman_mean']:.4f}",
+                      f"{min(r['i2t_spearman_min'], r['t2i_spearman_min']):.3f}")
+    console.print(table)
+    console.print(report["verdict"], highlight=False)
+
+
+def run_calibration(artifacts: Path, data: Path, config: Any, accuracy_target: float, eval_split: str,
+                    eval_images: int, report_split: str, sensitivity: bool, engine: Optional[bool]) -> dict:
+    from xmr.calibration.calibrate import calibrate_artifacts
+
+    manifest = calibrate_artifacts(artifacts, data, config, accuracy_target, eval_split, eval_images,
+                                   None if report_split == "none" else report_split, sensitivity, engine)
+    nodes = manifest["int8"]["nodes"]
+    for graph, entry in nodes.items():
+        console.print(f"{graph:14} int8: {artifacts / manifest['graphs'][graph]['files']['int8']['file']}  "
+                      f"{len(entry['quantized'])} matmuls in INT8, {len(entry['fallback'])} kept in float32")
+    _print_int8_report(artifacts)
+    return manifest
+
+
+@app.command("calibrate")
+@user_errors
+def calibrate_command(
+    model: CrossAttentionModel = typer.Option(..., "--model", "-m", help="Model to quantize."),
+    artifacts: Optional[Path] = typer.Option(None, help="Artifact directory [default: artifacts/MODEL, exported first if missing]."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to export when there are no artifacts yet "
+                                                          "[default: runs/MODEL/checkpoint.pt]."),
+    data: Path = typer.Option(Path("data/synth"), help="Precomp data directory (calibration, evaluation and report splits)."),
+    split: str = typer.Option("train", "--split", help="Calibration split: train or dev (never test)."),
+    images: int = typer.Option(128, "--calibration-images", help="Images sampled for calibration (with all their captions)."),
+    method: CalibrationMethodName = typer.Option(CalibrationMethodName.minmax, help="How activation ranges are chosen."),
+    percentile: float = typer.Option(99.999, help="Percentile of |activation| kept (--method percentile)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    accuracy_target: float = typer.Option(0.99, help="Fraction of fp32 to keep on the evaluation split: rsum and mean "
+                                                     "per-query rank correlation; nodes fall back to float32 until met."),
+    eval_split: str = typer.Option("dev", help="Split the accuracy target is checked on (train or dev)."),
+    eval_images: int = typer.Option(100, help="Images of the evaluation split used (with their captions)."),
+    report_split: str = typer.Option("test", help="Split of the final accuracy report ('none' to skip)."),
+    sensitivity: bool = typer.Option(False, "--sensitivity/--no-sensitivity",
+                                     help="Measure every node's sensitivity even when no fallback is needed."),
+    engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
+                                          help="Build INT8 TensorRT engines [default: when TensorRT and a GPU are present]."),
+) -> None:
+    """INT8 graphs (explicit Q/DQ) calibrated on real data, with an accuracy report against fp32/fp16."""
+    from xmr.calibration.dataset import CalibrationConfig
+
+    artifacts = artifacts or Path("artifacts") / model.value
+    if not (artifacts / "manifest.json").is_file():
+        console.print(f"no artifacts in {artifacts}: exporting {model.value} first")
+        app(["export", "--model", model.value, "--out", str(artifacts), "--data", str(data),
+             *(["--checkpoint", str(checkpoint)] if checkpoint else [])], standalone_mode=False)
+    config = CalibrationConfig(split=split, images=images, method=method.value, percentile=percentile, seed=seed)
+    run_calibration(artifacts, data, config, accuracy_target, eval_split, eval_images, report_split, sensitivity, engine)
 
 
 def main() -> None:

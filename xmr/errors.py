@@ -30,3 +30,7 @@ class ShapeError(XmrError, ValueError):
 
 class ExportError(XmrError):
     """An exported graph failed a check (ONNX checker, forbidden ops, parity with PyTorch)."""
+
+
+class CalibrationError(XmrError):
+    """INT8 calibration cannot proceed: unsuitable data, options or accuracy target."""

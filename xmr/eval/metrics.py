@@ -68,3 +68,30 @@ def recall_report(scores: np.ndarray, per_image: int = 5) -> RecallReport:
 def mean_report(reports: list[RecallReport]) -> RecallReport:
     fields = list(asdict(reports[0]))
     return RecallReport(**{k: float(np.mean([getattr(r, k) for r in reports])) for k in fields})
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Rank of every entry along the last axis (0-based; ties get distinct ranks)."""
+    ranks = np.empty(x.shape, dtype=np.float64)
+    np.put_along_axis(ranks, np.argsort(x, axis=-1, kind="stable"), np.arange(x.shape[-1], dtype=np.float64), axis=-1)
+    return ranks
+
+
+def spearman_rows(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each row of ``scores`` with the same row of ``reference``."""
+    if reference.shape != scores.shape or reference.ndim != 2 or reference.shape[1] < 2:
+        raise ShapeError(f"need two score matrices of one shape [queries, >=2 items], got "
+                         f"{list(reference.shape)} and {list(scores.shape)}")
+    a, b = _ranks(reference), _ranks(scores)
+    a -= a.mean(-1, keepdims=True)
+    b -= b.mean(-1, keepdims=True)
+    return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+
+
+def rank_agreement(reference: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """How well ``scores`` ([images, captions]) preserve the per-query rankings of
+    ``reference``: Spearman's rho per query, mean and worst, with images as queries
+    (``i2t``, rows) and captions as queries (``t2i``, columns)."""
+    i2t, t2i = spearman_rows(reference, scores), spearman_rows(reference.T, scores.T)
+    return {"i2t_spearman_mean": float(i2t.mean()), "i2t_spearman_min": float(i2t.min()),
+            "t2i_spearman_mean": float(t2i.mean()), "t2i_spearman_min": float(t2i.min())}

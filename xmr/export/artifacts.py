@@ -13,13 +13,16 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from xmr.config import config_to_dict
 from xmr.errors import ExportError
-from xmr.export.graphs import GRAPHS, graph_specs
+from xmr.export.graphs import GRAPHS, GraphSpec, TensorSpec, graph_specs
 from xmr.export.onnx_export import OPSET, TOLERANCES, export_model
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt
@@ -40,8 +43,33 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def _engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: ProfileShapes,
-             options: BuildOptions, required: bool) -> dict[str, Any]:
+def read_manifest(artifacts: Path) -> dict[str, Any]:
+    path = artifacts / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {artifacts}: not an xmr artifact directory (run `xmr export` first)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "xmr-artifacts" or manifest.get("format_version") != MANIFEST_VERSION:
+        raise ExportError(f"{path} is not an xmr artifact manifest of version {MANIFEST_VERSION}; re-export it")
+    return manifest
+
+
+def write_manifest(artifacts: Path, manifest: dict[str, Any]) -> Path:
+    """Replace ``artifacts/manifest.json`` atomically."""
+    path = artifacts / MANIFEST
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def manifest_specs(manifest: dict[str, Any]) -> dict[str, GraphSpec]:
+    """The graphs' input/output specs as recorded in a manifest."""
+    return {name: GraphSpec(name, [TensorSpec(**t) for t in graph["inputs"]], [TensorSpec(**t) for t in graph["outputs"]])
+            for name, graph in manifest["graphs"].items()}
+
+
+def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: ProfileShapes,
+                  options: BuildOptions, required: bool) -> dict[str, Any]:
     """Build TensorRT engines on this machine's GPU, or say why not (an error if ``required``)."""
     import torch
 
@@ -81,6 +109,18 @@ def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...
     regions = regions or int(model.checkpoint_metadata.get("regions") or DEFAULT_REGIONS)
     profile = profile or ProfileShapes()
     build = build or BuildOptions(timing_cache=out_dir / "timing.cache")  # kept for rebuilds
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    try:
+        manifest = _export_into(model, checkpoint, work, regions, precisions, opset, engine, profile, build)
+        install_artifacts(out_dir, work, manifest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precisions: tuple[str, ...], opset: int,
+                 engine: bool | None, profile: ProfileShapes, build: BuildOptions) -> dict[str, Any]:
     others = tuple(p for p in precisions if p != "fp32")
     parity = export_model(model, out_dir, regions=regions, precisions=others, opset=opset)
     specs = graph_specs(model, regions)
@@ -88,7 +128,7 @@ def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...
     if model.vocab is not None:
         vocab_file = out_dir / "vocab.json"
         vocab_file.write_text(json.dumps(model.vocab.to_dict()))
-    manifest = {
+    return {
         "format": "xmr-artifacts", "format_version": MANIFEST_VERSION,
         "model": model.kind, "config": config_to_dict(model.config), "regions": regions,
         "vocab": None if vocab_file is None else {"file": vocab_file.name, "sha256": file_sha256(vocab_file)},
@@ -103,10 +143,38 @@ def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...
                    for name in GRAPHS},
         "profile": {axis: list(sizes) for axis, sizes in profile.sizes.items()},  # min, opt, max
         "engines": {"built": False, "reason": "not requested"} if engine is False
-        else _engines(out_dir, specs, tuple(parity), profile, build, required=bool(engine)),
+        else build_engines(out_dir, specs, tuple(parity), profile, build, required=bool(engine)),
         "tools": tool_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
+
+ARTIFACT_EXTRAS = ("calibration", "int8_report.json", "int8_report.md")  # written by ``xmr calibrate``
+
+
+def listed_files(manifest: dict[str, Any]) -> set[str]:
+    """Every graph and engine file a manifest lists."""
+    graphs = {f["file"] for g in manifest.get("graphs", {}).values() for f in g.get("files", {}).values()}
+    return graphs | {f for g in manifest.get("engines", {}).get("files", {}).values() for f in g.values()}
+
+
+def install_artifacts(out_dir: Path, work: Path, manifest: dict[str, Any]) -> None:
+    """Move the new files in ``work`` (same filesystem) into ``out_dir`` and write ``manifest``.
+
+    The old manifest goes first and the new one is written last, so the directory never
+    holds a manifest that lists missing or stale files. Files the old manifest listed and the
+    new one does not, and INT8 extras not rewritten, are removed; other files are left alone."""
+    old = out_dir / MANIFEST
+    stale = set(ARTIFACT_EXTRAS)
+    if old.is_file():
+        try:
+            stale |= listed_files(json.loads(old.read_text())) - listed_files(manifest)
+        except (ValueError, AttributeError, KeyError, TypeError):
+            pass
+        old.unlink()
+    for name in stale | {p.name for p in work.iterdir()}:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in work.iterdir():
+        os.replace(path, out_dir / path.name)
+    write_manifest(out_dir, manifest)

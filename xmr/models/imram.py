@@ -72,6 +72,8 @@ class MemoryUnit(nn.Module):
     def add_query_part(self, pre: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """``pre + query_part(query)`` as one GEMM that accumulates into ``pre``; same shapes."""
         weight = self._halves(slice(None, self.dim))
+        if torch.onnx.is_in_onnx_export():  # MatMul + Add: quantizers fuse Q/DQ MatMul with a constant weight
+            return pre + query @ weight.T
         out = torch.addmm(pre.reshape(-1, pre.size(-1)), query.reshape(-1, query.size(-1)), weight.T)
         return out.view(pre.shape)
 

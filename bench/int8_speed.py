@@ -1,0 +1,127 @@
+"""INT8 against FP32 in ONNX Runtime (CPU), per graph, at the released models' sizes, in one run.
+
+Sizes: D = 1024, R = 36 regions of 2048-d features, word_dim 300, random weights (the
+models' own init, seeded). The INT8 graphs are calibrated exactly as ``xmr calibrate`` does
+(same quantizer, same calibration-set builder) on a small synthetic dataset with 36 x 2048-d
+regions; their accuracy means nothing with random weights (docs/int8.md has the accuracy of
+trained models), only their speed does here. Caption lengths: 14 tokens (Flickr30K's mean
+12.3 words plus <start>/<end>).
+
+    python bench/int8_speed.py --json docs/results/int8_speed.json
+
+Pair-scorer blocks: 8 x 8 pairs is the CPU block of ``xmr eval`` at these sizes (a 2^23-element
+budget), the larger ones show the trend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from xmr.calibration.dataset import CalibrationConfig, build_calibration_set
+from xmr.calibration.fallback import Quantizer
+from xmr.data import SynthConfig, load_split, write_synthetic
+from xmr.data.synth import synth_vocabulary
+from xmr.eval.onnx_scoring import OnnxPipeline
+from xmr.export.graphs import GRAPHS
+from xmr.export.onnx_export import export_model
+from xmr.export.precision import graph_path
+from xmr.models import build_model, make_config
+
+MODELS = {"imram-full": ("imram", {"mode": "full"}), "camp": ("camp", {})}
+REGIONS, IMG_DIM, LENGTH = 36, 2048, 14
+PAIR_BLOCKS = ((8, 8), (16, 16), (16, 64))
+console = Console(width=140)
+
+
+def throughput(session, feeds: dict[str, np.ndarray], items: int, seconds: float) -> float:
+    session.run(None, feeds)  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, feeds)
+        runs += 1
+    return items * runs / (time.perf_counter() - start)
+
+
+def graph_feeds(pipeline: OnnxPipeline, vocab_size: int, n_images: int, n_captions: int) -> dict[str, tuple]:
+    """(feeds, items) of each graph for one block; the pair scorer's come from the fp32 encoders."""
+    g = np.random.default_rng(0)
+    features = np.abs(g.standard_normal((n_images, REGIONS, IMG_DIM), dtype=np.float32))
+    ids = g.integers(4, vocab_size, (n_captions, LENGTH))
+    lengths = np.full(n_captions, LENGTH)
+    images, texts = pipeline.encode_images(features), pipeline.encode_texts(ids, lengths)
+    return {"image_encoder": ({"features": features}, n_images),
+            "text_encoder": ({"ids": ids, "lengths": lengths}, n_captions),
+            "pair_scorer": ({**images, **texts, "lengths": lengths}, n_images * n_captions)}
+
+
+def run_model(name: str, work: Path, data: Path, seconds: float, threads: int) -> list[dict]:
+    kind, fields = MODELS[name]
+    torch.manual_seed(0)
+    vocab = synth_vocabulary()
+    model = build_model(make_config(kind, vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=1024, word_dim=300, **fields))
+    out = work / name
+    export_model(model.eval(), out, regions=REGIONS)
+    fp32 = {g: graph_path(out, g, "fp32") for g in GRAPHS}
+    config = CalibrationConfig(images=32)
+    calibration = build_calibration_set(load_split(data, "train", vocab), OnnxPipeline(fp32), config)
+    int8 = Quantizer(fp32, calibration, config, out).build(out / "int8")
+    sessions = {p: OnnxPipeline(paths, threads).sessions for p, paths in (("fp32", fp32), ("int8", int8))}
+    rows = []
+    encoder_feeds = graph_feeds(OnnxPipeline(fp32, threads), len(vocab), 64, 128)
+    for graph in ("image_encoder", "text_encoder"):
+        feeds, items = encoder_feeds[graph]
+        rows.append({"model": name, "graph": graph, "block": f"{items} {'images' if graph == 'image_encoder' else 'captions'}",
+                     **{p: throughput(sessions[p][graph], feeds, items, seconds) for p in sessions}})
+    for n_images, n_captions in PAIR_BLOCKS:
+        feeds, items = graph_feeds(OnnxPipeline(fp32, threads), len(vocab), n_images, n_captions)["pair_scorer"]
+        rows.append({"model": name, "graph": "pair_scorer", "block": f"{n_images}x{n_captions} pairs",
+                     **{p: throughput(sessions[p]["pair_scorer"], feeds, items, seconds) for p in sessions}})
+    for row in rows:
+        row["int8_over_fp32"] = row["int8"] / row["fp32"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing window per graph and precision")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_synthetic(data, SynthConfig(n_train=64, n_dev=8, n_test=8, regions=REGIONS, img_dim=IMG_DIM))
+        for name in args.models:
+            rows += run_model(name, Path(tmp), data, args.seconds, args.threads)
+    table = Table(title=f"ONNX Runtime CPU, {os.cpu_count()} cores: items (images, captions or pairs) per second")
+    for column in ("model", "graph", "block", "fp32 /s", "int8 /s", "int8 / fp32"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r["model"], r["graph"], r["block"], f"{r['fp32']:,.0f}", f"{r['int8']:,.0f}", f"{r['int8_over_fp32']:.2f}x")
+    console.print(table)
+    if args.json:
+        import onnxruntime
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "onnxruntime": onnxruntime.__version__, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

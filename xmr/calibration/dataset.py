@@ -1,0 +1,126 @@
+"""The calibration set: real images and captions of a train or dev split, as graph inputs.
+
+- image encoder: the sampled images' region features, in batches;
+- text encoder: every caption of those images, in batches of similar length (so every length
+  bucket is seen, each batch padded as the runtime pads it);
+- pair scorer: the encoders' fp32 outputs, in blocks that pair each caption batch with some of
+  its own images (matching pairs) **and** with other images (non-matching pairs): ranking is
+  decided among the non-matching pairs, so their activation ranges must be seen too.
+
+The test split is refused: scales fitted on it would leak into the reported accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from xmr.data.precomp import PrecompSplit
+from xmr.errors import CalibrationError
+from xmr.eval.onnx_scoring import Arrays, OnnxPipeline, caption_blocks, take
+
+CALIBRATION_SPLITS = ("train", "dev")
+METHODS = ("minmax", "entropy", "percentile")
+MIN_IMAGES = 4
+
+
+@dataclass
+class CalibrationConfig:
+    split: str = "train"
+    images: int = 128  # images sampled from the split; all their captions are used
+    method: str = "minmax"
+    percentile: float = 99.999  # "percentile" method only
+    seed: int = 0
+    image_batch: int = 16  # images per image-encoder batch
+    caption_batch: int = 40  # captions per text-encoder batch and per pair-scorer block
+    pair_images: int = 8  # images per pair-scorer block: half the captions' own, half others
+
+    def validate(self) -> None:
+        if self.split not in CALIBRATION_SPLITS:
+            raise CalibrationError(f"calibration reads the train or dev split, not {self.split!r} "
+                                   f"(scales fitted on the test split would flatter its accuracy)")
+        if self.method not in METHODS:
+            raise CalibrationError(f"unknown calibration method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.images < MIN_IMAGES:
+            raise CalibrationError(f"--calibration-images {self.images} is too small: use at least {MIN_IMAGES}")
+        if not 0 < self.percentile <= 100:
+            raise CalibrationError(f"percentile must be in (0, 100], got {self.percentile}")
+        for name in ("image_batch", "caption_batch", "pair_images"):
+            if getattr(self, name) < 1:
+                raise CalibrationError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class CalibrationSet:
+    """Inputs of each graph (a list of feeds), and what they were drawn from."""
+
+    feeds: dict[str, list[Arrays]]
+    images: int
+    captions: int
+    matching_pairs: int
+    non_matching_pairs: int
+    caption_lengths: list[int]  # shortest, longest
+    sha256: str = field(default="")
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "feeds"}
+
+
+def check_split(split: PrecompSplit, img_dim: int, regions: int, config: CalibrationConfig) -> None:
+    """Fail early, saying what to change, when ``split`` cannot calibrate this model."""
+    if split.img_dim != img_dim:
+        raise CalibrationError(f"{config.split} features are {split.img_dim}-d but the model takes {img_dim}-d "
+                               f"features: calibrate with the data the model was trained on (--data)")
+    if split.regions != regions:
+        raise CalibrationError(f"{config.split} images have {split.regions} regions but the graphs were exported "
+                               f"for {regions}: re-export with --regions {split.regions} or use matching data")
+    if split.n_captions == 0:
+        raise CalibrationError(f"the {config.split} split has no captions")
+    if split.n_images < MIN_IMAGES:
+        raise CalibrationError(f"the {config.split} split has {split.n_images} images; calibration needs at least "
+                               f"{MIN_IMAGES} (use a larger split, e.g. --calibration-split train)")
+
+
+def _hash(feeds: dict[str, list[Arrays]], config: CalibrationConfig) -> str:
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    for graph in sorted(feeds):
+        for feed in feeds[graph]:
+            for name in sorted(feed):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    return digest.hexdigest()
+
+
+def build_calibration_set(split: PrecompSplit, encoders: OnnxPipeline, config: CalibrationConfig) -> CalibrationSet:
+    """Sample ``config.images`` images of ``split`` with all their captions and turn them into
+    the inputs of the three graphs (the pair scorer's through the fp32 ``encoders``)."""
+    config.validate()
+    rng = np.random.default_rng(config.seed)
+    images = np.sort(rng.choice(split.n_images, size=min(config.images, split.n_images), replace=False))
+    captions = (images[:, None] * split.per_image + np.arange(split.per_image)).ravel()
+    features = [split.image_batch(images[s : s + config.image_batch]).numpy()
+                for s in range(0, len(images), config.image_batch)]
+    encoded_images = [encoders.encode_images(f) for f in features]
+    embedded = {name: np.concatenate([e[name] for e in encoded_images]) for name in encoders.image_names}
+    _, lengths = split.caption_batch(captions)
+    text_feeds, pair_feeds, matching, pairs = [], [], 0, 0
+    for block in caption_blocks(lengths.numpy(), config.caption_batch):
+        ids, block_lengths = (t.numpy() for t in split.caption_batch(captions[block]))
+        text_feeds.append({"ids": ids, "lengths": block_lengths})
+        texts = encoders.encode_texts(ids, block_lengths)
+        own = np.unique(block // split.per_image)  # positions (in ``images``) of the captions' images
+        n_own = min(len(own), max(1, config.pair_images // 2))
+        chosen_own = rng.choice(own, size=n_own, replace=False)
+        others = np.setdiff1d(np.arange(len(images)), own)
+        chosen = np.concatenate([chosen_own, rng.choice(others, size=min(len(others), config.pair_images - n_own),
+                                                        replace=False)])
+        pair_feeds.append({**take(embedded, chosen), **texts, "lengths": block_lengths})
+        matching += int(np.isin(block // split.per_image, chosen_own).sum())
+        pairs += len(chosen) * len(block)
+    feeds = {"image_encoder": [{"features": f} for f in features], "text_encoder": text_feeds,
+             "pair_scorer": pair_feeds}
+    return CalibrationSet(feeds, len(images), len(captions), matching, pairs - matching,
+                          [int(lengths.min()), int(lengths.max())], _hash(feeds, config))
