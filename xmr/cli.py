@@ -254,9 +254,10 @@ def export_command(
     console.print("TensorRT engines: " + (f"built for {engines['gpu']}" if engines["built"]
                                           else f"skipped ({engines['reason']})"))
     if "int8" in precisions:
+        from xmr.calibration.calibrate import DEFAULT_TARGET
         from xmr.calibration.dataset import CalibrationConfig
 
-        run_calibration(out, data, CalibrationConfig(), 0.99, "dev", 100, "test", False, engine)
+        run_calibration(out, data, CalibrationConfig(), DEFAULT_TARGET, "dev", 100, "test", False, engine)
     console.print(f"manifest: {out / 'manifest.json'}")
 
 

@@ -82,6 +82,7 @@ def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig |
     check_split(split, manifest["config"]["img_dim"], manifest["regions"], config)
     evaluation_split = _load(data, eval_split, vocab, "evaluation")
     check_split(evaluation_split, manifest["config"]["img_dim"], manifest["regions"], config)
+    report_data = None if report_split is None else _load(data, report_split, vocab, "report")  # fail before the work
     reference_pipeline = OnnxPipeline(fp32)
     with console.status(f"calibration set: {config.images} {config.split} images"):
         calibration = build_calibration_set(split, reference_pipeline, config)
@@ -105,8 +106,8 @@ def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig |
                              eval_images, reused)
         report = None
         if report_split is not None:
-            report = _report(artifacts, manifest, final, result, quantizer, work, int8,
-                             _load(data, report_split, vocab, "report"), report_split, accuracy_target, show_progress)
+            report = _report(artifacts, manifest, final, result, quantizer, work, int8, report_data, report_split,
+                             accuracy_target, show_progress)
         _install(artifacts, manifest, work, final, int8, report, engine)
     finally:
         shutil.rmtree(work, ignore_errors=True)
