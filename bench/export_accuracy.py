@@ -22,6 +22,7 @@ from xmr.data import Vocabulary, load_split
 from xmr.eval.metrics import recall_report
 from xmr.eval.onnx_scoring import OnnxPipeline, score_split
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, required=True)

@@ -214,8 +214,7 @@ def export_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory [default: artifacts/MODEL]."),
     precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16, int8 (fp32 is always "
                                                     "written; int8 runs `xmr calibrate` with its defaults)."),
-    data: Path = typer.Option(Path("data/synth"), help="Precomp data for int8 calibration (and for training when "
-                                                         "there is no checkpoint yet)."),
+    data: Path = typer.Option(Path("data/synth"), help="Precomp data for int8 calibration."),
     engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
                                           help="Build TensorRT engines [default: when TensorRT and a GPU are present]."),
     regions: Optional[int] = typer.Option(None, help="Regions per image R [default: the checkpoint's training data, else 36]."),

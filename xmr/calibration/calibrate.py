@@ -79,9 +79,9 @@ def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig |
     vocab = Vocabulary.load(artifacts / manifest["vocab"]["file"])
     fp32 = {g: artifacts / manifest["graphs"][g]["files"]["fp32"]["file"] for g in GRAPHS}
     split = _load(data, config.split, vocab, "calibration")
-    check_split(split, manifest["config"]["img_dim"], manifest["regions"], config)
+    check_split(split, config.split, manifest["config"]["img_dim"], manifest["regions"])
     evaluation_split = _load(data, eval_split, vocab, "evaluation")
-    check_split(evaluation_split, manifest["config"]["img_dim"], manifest["regions"], config)
+    check_split(evaluation_split, eval_split, manifest["config"]["img_dim"], manifest["regions"])
     report_data = None if report_split is None else _load(data, report_split, vocab, "report")  # fail before the work
     reference_pipeline = OnnxPipeline(fp32)
     with console.status(f"calibration set: {config.images} {config.split} images"):

@@ -69,19 +69,19 @@ class CalibrationSet:
         return {k: v for k, v in asdict(self).items() if k != "feeds"}
 
 
-def check_split(split: PrecompSplit, img_dim: int, regions: int, config: CalibrationConfig) -> None:
-    """Fail early, saying what to change, when ``split`` cannot calibrate this model."""
+def check_split(split: PrecompSplit, name: str, img_dim: int, regions: int) -> None:
+    """Fail early, saying what to change, when the split ``name`` cannot serve this model."""
     if split.img_dim != img_dim:
-        raise CalibrationError(f"{config.split} features are {split.img_dim}-d but the model takes {img_dim}-d "
+        raise CalibrationError(f"{name} features are {split.img_dim}-d but the model takes {img_dim}-d "
                                f"features: calibrate with the data the model was trained on (--data)")
     if split.regions != regions:
-        raise CalibrationError(f"{config.split} images have {split.regions} regions but the graphs were exported "
+        raise CalibrationError(f"{name} images have {split.regions} regions but the graphs were exported "
                                f"for {regions}: re-export with --regions {split.regions} or use matching data")
     if split.n_captions == 0:
-        raise CalibrationError(f"the {config.split} split has no captions")
+        raise CalibrationError(f"the {name} split has no captions")
     if split.n_images < MIN_IMAGES:
-        raise CalibrationError(f"the {config.split} split has {split.n_images} images; calibration needs at least "
-                               f"{MIN_IMAGES} (use a larger split, e.g. --calibration-split train)")
+        raise CalibrationError(f"the {name} split has {split.n_images} images; calibration needs at least "
+                               f"{MIN_IMAGES} (use a larger split, e.g. --split train)")
 
 
 def _hash(feeds: dict[str, list[Arrays]], config: CalibrationConfig) -> str:

@@ -9,6 +9,7 @@ holds.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,9 @@ class Quantizer:
     def ranges(self, graph: str) -> Path:
         return self.ranges_dir / f"{graph}.{self.config.method}.json"
 
+    @functools.cached_property
     def nodes(self) -> list[Node]:
+        """Every quantizable node (read from the fp32 graphs once, not per build)."""
         return [(graph, node) for graph in GRAPHS for node in quantizable_nodes(self.fp32[graph])]
 
     def build(self, out_dir: Path, exclude: set[Node] = frozenset(), only: set[Node] | None = None) -> dict[str, Path]:
@@ -59,7 +62,7 @@ class Quantizer:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {}
         for graph in GRAPHS:
-            nodes = {n for g, n in self.nodes() if g == graph}
+            nodes = {n for g, n in self.nodes if g == graph}
             skipped = {n for g, n in exclude if g == graph}
             if only is not None:
                 skipped = nodes - {n for g, n in only if g == graph}
@@ -75,7 +78,7 @@ class Quantizer:
 def sensitivities(quantizer: Quantizer, evaluate: Evaluation, work: Path) -> list[dict]:
     """Each quantizable node's cost when it alone is quantized, most harmful first."""
     rows = []
-    for graph, node in quantizer.nodes():
+    for graph, node in quantizer.nodes:
         metrics = evaluate(quantizer.build(work / "single", only={(graph, node)}))
         rows.append({"graph": graph, "node": node, "rank_correlation_drop": 1.0 - mean_rank_agreement(metrics),
                      "delta_rsum": metrics["delta_rsum"], "mean_abs_score_error": metrics["mean_abs_score_error"]})
