@@ -10,12 +10,14 @@ trained models), only their speed does here. Caption lengths: 14 tokens (Flickr3
     python bench/int8_speed.py --json docs/results/int8_speed.json
 
 Pair-scorer blocks: 8 x 8 pairs is the CPU block of ``xmr eval`` at these sizes (a 2^23-element
-budget), the larger ones show the trend.
+budget), the larger ones show the trend. ``--profile`` adds where the pair scorer's time goes at
+8 x 8 (ONNX Runtime's profiler, share of kernel time per operator type), in both precisions.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -55,6 +57,30 @@ def throughput(session, feeds: dict[str, np.ndarray], items: int, seconds: float
     return items * runs / (time.perf_counter() - start)
 
 
+def operator_shares(path: Path, feeds: dict[str, np.ndarray], threads: int, runs: int = 10) -> dict[str, float]:
+    """Share of kernel time per operator type over ``runs`` runs after a warm-up run."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.parent / "profile")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    first = min((e for e in events if e["name"] == "model_run"), key=lambda e: e["ts"])
+    warm = first["ts"] + first["dur"]  # the first run (allocations, first touches) is left out
+    times: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= warm:
+            times[event["args"]["op_name"]] += event["dur"]
+    total = sum(times.values())
+    return {op: t / total for op, t in times.most_common()}
+
+
 def graph_feeds(pipeline: OnnxPipeline, vocab_size: int, n_images: int, n_captions: int) -> dict[str, tuple]:
     """(feeds, items) of each graph for one block; the pair scorer's come from the fp32 encoders."""
     g = np.random.default_rng(0)
@@ -67,7 +93,7 @@ def graph_feeds(pipeline: OnnxPipeline, vocab_size: int, n_images: int, n_captio
             "pair_scorer": ({**images, **texts, "lengths": lengths}, n_images * n_captions)}
 
 
-def run_model(name: str, work: Path, data: Path, seconds: float, threads: int) -> list[dict]:
+def run_model(name: str, work: Path, data: Path, seconds: float, threads: int, profile: bool) -> list[dict]:
     kind, fields = MODELS[name]
     torch.manual_seed(0)
     vocab = synth_vocabulary()
@@ -89,6 +115,9 @@ def run_model(name: str, work: Path, data: Path, seconds: float, threads: int) -
         feeds, items = graph_feeds(OnnxPipeline(fp32, threads), len(vocab), n_images, n_captions)["pair_scorer"]
         rows.append({"model": name, "graph": "pair_scorer", "block": f"{n_images}x{n_captions} pairs",
                      **{p: throughput(sessions[p]["pair_scorer"], feeds, items, seconds) for p in sessions}})
+        if profile and (n_images, n_captions) == PAIR_BLOCKS[0]:
+            rows[-1]["operator_shares"] = {p: operator_shares(paths["pair_scorer"], feeds, threads)
+                                           for p, paths in (("fp32", fp32), ("int8", int8))}
     for row in rows:
         row["int8_over_fp32"] = row["int8"] / row["fp32"]
     return rows
@@ -99,6 +128,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per graph and precision")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument("--profile", action="store_true", help="also profile the pair scorer per operator type")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -106,13 +136,21 @@ def main() -> None:
         data = Path(tmp) / "data"
         write_synthetic(data, SynthConfig(n_train=64, n_dev=8, n_test=8, regions=REGIONS, img_dim=IMG_DIM))
         for name in args.models:
-            rows += run_model(name, Path(tmp), data, args.seconds, args.threads)
+            rows += run_model(name, Path(tmp), data, args.seconds, args.threads, args.profile)
     table = Table(title=f"ONNX Runtime CPU, {os.cpu_count()} cores: items (images, captions or pairs) per second")
     for column in ("model", "graph", "block", "fp32 /s", "int8 /s", "int8 / fp32"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(r["model"], r["graph"], r["block"], f"{r['fp32']:,.0f}", f"{r['int8']:,.0f}", f"{r['int8_over_fp32']:.2f}x")
     console.print(table)
+    for r in rows:
+        if "operator_shares" in r:
+            shares = Table(title=f"{r['model']} pair scorer, {r['block']}: share of kernel time per operator type")
+            for column in ("precision", "operators (top 8)"):
+                shares.add_column(column)
+            for precision, ops in r["operator_shares"].items():
+                shares.add_row(precision, ", ".join(f"{op} {100 * v:.0f}%" for op, v in list(ops.items())[:8]))
+            console.print(shares)
     if args.json:
         import onnxruntime
 
