@@ -34,3 +34,15 @@ class ExportError(XmrError):
 
 class CalibrationError(XmrError):
     """INT8 calibration cannot proceed: unsuitable data, options or accuracy target."""
+
+
+class ArtifactError(XmrError):
+    """An artifact directory is incomplete, altered, or from another xmr version."""
+
+
+class InputError(XmrError, ValueError):
+    """Input given to the runtime (features, captions, pairs, galleries) cannot be scored."""
+
+
+class BackendUnavailableError(XmrError):
+    """The backend or precision asked for cannot run here (no GPU, package missing, engine for another GPU)."""

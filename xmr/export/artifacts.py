@@ -29,6 +29,7 @@ from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_
 from xmr.models.checkpoint import file_sha256, load_checkpoint
 
 MANIFEST = "manifest.json"
+CHECKPOINT = "checkpoint.pt"  # a copy of the source checkpoint: the artifacts are self-contained
 MANIFEST_VERSION = 1
 DEFAULT_REGIONS = 36  # bottom-up features; checkpoints trained by xmr record their own
 
@@ -124,6 +125,7 @@ def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precision
     others = tuple(p for p in precisions if p != "fp32")
     parity = export_model(model, out_dir, regions=regions, precisions=others, opset=opset)
     specs = graph_specs(model, regions)
+    shutil.copyfile(checkpoint, out_dir / CHECKPOINT)  # the runtime's PyTorch backend loads it from here
     vocab_file = None
     if model.vocab is not None:
         vocab_file = out_dir / "vocab.json"
@@ -133,6 +135,7 @@ def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precision
         "model": model.kind, "config": config_to_dict(model.config), "regions": regions,
         "vocab": None if vocab_file is None else {"file": vocab_file.name, "sha256": file_sha256(vocab_file)},
         "source_checkpoint": {"path": str(checkpoint), "sha256": model.checkpoint_sha256},
+        "checkpoint": {"file": CHECKPOINT, "sha256": model.checkpoint_sha256},
         "opset": opset,
         "graphs": {name: {"inputs": [dataclasses.asdict(t) for t in specs[name].inputs],
                           "outputs": [dataclasses.asdict(t) for t in specs[name].outputs],
@@ -153,9 +156,10 @@ ARTIFACT_EXTRAS = ("calibration", "int8_report.json", "int8_report.md")  # writt
 
 
 def listed_files(manifest: dict[str, Any]) -> set[str]:
-    """Every graph and engine file a manifest lists."""
+    """Every graph, engine and checkpoint file a manifest lists."""
     graphs = {f["file"] for g in manifest.get("graphs", {}).values() for f in g.get("files", {}).values()}
-    return graphs | {f for g in manifest.get("engines", {}).get("files", {}).values() for f in g.values()}
+    checkpoint = {manifest["checkpoint"]["file"]} if manifest.get("checkpoint") else set()
+    return graphs | checkpoint | {f for g in manifest.get("engines", {}).get("files", {}).values() for f in g.values()}
 
 
 def install_artifacts(out_dir: Path, work: Path, manifest: dict[str, Any]) -> None:

@@ -1,0 +1,67 @@
+"""Backends the runtime can score with, and how ``auto`` picks one."""
+
+from __future__ import annotations
+
+import torch
+
+from xmr.errors import BackendUnavailableError
+from xmr.export.tensorrt import load_tensorrt
+from xmr.runtime.artifacts import Artifacts
+from xmr.runtime.backends.base import PRECISIONS, Backend, Prepared
+from xmr.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, cuda_provider_available
+from xmr.runtime.backends.tensorrt_backend import TensorRTBackend, engines_problem
+from xmr.runtime.backends.torch_backend import TorchBackend
+
+BACKENDS = {"tensorrt": TensorRTBackend, "onnxruntime": OnnxRuntimeBackend, "torch": TorchBackend}
+
+__all__ = ["BACKENDS", "PRECISIONS", "Backend", "Prepared", "auto_candidates", "create_backend"]
+
+
+def auto_candidates(artifacts: Artifacts, precision: str, device: str | None) -> list[str]:
+    """Backends ``auto`` tries for ``precision``, fastest first (measured: docs/runtime.md).
+
+    GPU: TensorRT engines, then ONNX Runtime's CUDA provider, then PyTorch. CPU: ONNX Runtime
+    (the only CPU backend for fp16/int8 graphs), then PyTorch for fp32."""
+    gpu = device is None or str(device).startswith("cuda")
+    names = []
+    if gpu and torch.cuda.is_available():
+        if engines_problem(artifacts, precision, load_tensorrt("tensorrt")) is None:
+            names.append("tensorrt")
+        if cuda_provider_available():
+            names.append("onnxruntime")
+        if precision in ("fp32", "fp16"):
+            names.append("torch")
+    if device is None or str(device) == "cpu":
+        names.append("onnxruntime")
+        if precision == "fp32":
+            names.append("torch")
+    return list(dict.fromkeys(names))
+
+
+def create_backend(artifacts: Artifacts, name: str, precision: str, device: str | None = None, **options) -> Backend:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if name == "auto":
+        tried = []
+        for candidate in auto_candidates(artifacts, precision, device):
+            try:
+                return _create(artifacts, candidate, precision, _auto_device(candidate, device), options)
+            except BackendUnavailableError as e:
+                tried.append(str(e))
+        raise BackendUnavailableError(f"no backend can run {precision} here: " + ("; ".join(tried) or "none tried"))
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    return _create(artifacts, name, precision, device, options)
+
+
+def _auto_device(candidate: str, device: str | None) -> str | None:
+    if device is not None:
+        return device
+    return "cpu" if not torch.cuda.is_available() or (candidate == "onnxruntime" and not cuda_provider_available()) \
+        else "cuda"
+
+
+def _create(artifacts: Artifacts, name: str, precision: str, device: str | None, options: dict) -> Backend:
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(artifacts, precision, device, threads=options.get("threads"))
+    return BACKENDS[name](artifacts, precision, device)

@@ -1,0 +1,45 @@
+"""What every backend offers the scheduler: encode, prepare and score blocks of tensors.
+
+Prepared tensors are named as the exported graphs name them (``image_*``, ``text_*``), the
+item index first, and live on ``backend.device``; so galleries are the same whichever
+backend encoded them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from xmr.runtime.artifacts import Artifacts
+from xmr.runtime.schedule import Limits
+
+Prepared = dict[str, torch.Tensor]
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    precision: str
+    device: torch.device
+    limits: Limits = Limits()
+
+    def __init__(self, artifacts: Artifacts, precision: str) -> None:
+        self.artifacts = artifacts
+        self.precision = precision
+
+    @abstractmethod
+    def encode_images(self, features: torch.Tensor) -> Prepared:
+        """float32 features ``[N, R, img_dim]`` (on ``device``) -> prepared image tensors."""
+
+    @abstractmethod
+    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
+        """int64 ids ``[N, L]`` and lengths ``[N]`` (on ``device``) -> prepared caption tensors."""
+
+    @abstractmethod
+    def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
+        """float32 scores ``[Ni, Nt]`` on ``device``, issued on the current CUDA stream on a GPU."""
+
+    def describe(self) -> str:
+        return f"{self.name} {self.precision} on {self.device}"

@@ -1,0 +1,119 @@
+"""The exported ONNX graphs in ONNX Runtime: CPU (any precision) or its CUDA provider.
+
+Sessions are created once. On CPU, torch tensors are handed over as numpy views (no copy)
+with intra-op threads set to the cores this process may use. On CUDA, IO binding feeds the
+device tensors in place and binds the output to a torch CUDA tensor, so nothing crosses the
+bus between the encoders and the pair scorer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from xmr.errors import BackendUnavailableError
+from xmr.export.artifacts import manifest_specs
+from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
+from xmr.runtime.artifacts import Artifacts
+from xmr.runtime.backends.base import Backend, Prepared
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cuda_provider_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None,
+                 threads: int | None = None) -> None:
+        super().__init__(artifacts, precision)
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from e
+        self.device = torch.device(device or ("cuda" if cuda_provider_available() else "cpu"))
+        if self.device.type == "cuda" and not cuda_provider_available():
+            raise BackendUnavailableError("onnxruntime on cuda needs onnxruntime-gpu (CUDAExecutionProvider) and a "
+                                          "CUDA GPU; neither is here" if not torch.cuda.is_available() else
+                                          "onnxruntime on cuda needs onnxruntime-gpu (no CUDAExecutionProvider)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cores()
+        options.log_severity_level = 3
+        providers = ([("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
+                     if self.device.type == "cuda" else ["CPUExecutionProvider"])
+        self.threads = options.intra_op_num_threads
+        self.sessions = {g: ort.InferenceSession(str(artifacts.graph(g, precision)), options, providers=providers)
+                         for g in GRAPHS}
+        self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
+        self.inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
+        self.specs = manifest_specs(artifacts.manifest)
+
+    def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {name: feeds[name] for name in self.inputs[graph]}
+        if self.device.type == "cuda":
+            return self._run_bound(graph, feeds)
+        outputs = self.sessions[graph].run(self.outputs[graph], {n: t.numpy() for n, t in feeds.items()})
+        return {name: torch.from_numpy(array) for name, array in zip(self.outputs[graph], outputs)}
+
+    def _run_bound(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """IO binding on CUDA: inputs read in place, outputs written into torch CUDA tensors
+        allocated here at the shapes the manifest gives (nothing crosses the bus)."""
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        sizes = _axis_sizes(feeds)
+        device_id = self.device.index or 0
+        for name, tensor in feeds.items():
+            tensor = tensor.contiguous()
+            feeds[name] = tensor  # keep alive until the run ends
+            binding.bind_input(name, "cuda", device_id, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
+        outputs = {}
+        for spec in self.specs[graph].outputs:
+            shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+            outputs[spec.name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(spec.name, "cuda", device_id, np.float32, shape, outputs[spec.name].data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written on our stream must be complete
+        session.run_with_iobinding(binding)
+        return outputs
+
+    def encode_images(self, features: torch.Tensor) -> Prepared:
+        return self._run("image_encoder", {"features": features})
+
+    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
+        return self._run("text_encoder", {"ids": ids, "lengths": lengths})
+
+    def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
+        return self._run("pair_scorer", {**images, **texts, "lengths": lengths})["scores"]
+
+    def describe(self) -> str:
+        where = f"{self.device}" if self.device.type == "cuda" else f"cpu, {self.threads} threads"
+        return f"{self.name} {self.precision} ({where})"
+
+
+def _axis_sizes(feeds: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The dynamic axes' sizes in one call, read off its inputs."""
+    sizes = {}
+    for name, tensor in feeds.items():
+        if name == "features" or name.startswith("image_"):
+            sizes[N_IMAGES] = tensor.size(0)
+        elif name in ("ids", "lengths") or name.startswith("text_"):
+            sizes[N_CAPTIONS] = tensor.size(0)
+            if tensor.dim() > 1:
+                sizes[LENGTH] = tensor.size(1)
+    return sizes
+
+
+def _numpy_dtype(dtype: torch.dtype) -> type:
+    return {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16}[dtype]

@@ -1,0 +1,45 @@
+"""The PyTorch model itself (the reference): fp32 on CPU or GPU, fp16 on GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from xmr.errors import BackendUnavailableError
+from xmr.export.graphs import IMAGE_PREFIX, TEXT_PREFIX
+from xmr.models.checkpoint import load_checkpoint
+from xmr.runtime.artifacts import Artifacts
+from xmr.runtime.backends.base import Backend, Prepared
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None) -> None:
+        super().__init__(artifacts, precision)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError("torch on cuda: no CUDA GPU is available to PyTorch here")
+        if precision == "int8":
+            raise BackendUnavailableError("torch runs fp32 and fp16 only; int8 runs on onnxruntime or tensorrt")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise BackendUnavailableError("torch fp16 needs a CUDA GPU (CPU float16 kernels are slow or missing); "
+                                          "use fp32, or onnxruntime for fp16 graphs")
+        model = load_checkpoint(artifacts.checkpoint()).eval()
+        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.model = model.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, features: torch.Tensor) -> Prepared:
+        prepared = self.model.prepare_images(self.model.encode_images(features.to(self.dtype)))
+        return {IMAGE_PREFIX + name: t for name, t in prepared.items()}
+
+    @torch.no_grad()
+    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
+        prepared = self.model.prepare_texts(self.model.encode_texts(ids, lengths), lengths)
+        return {TEXT_PREFIX + name: t for name, t in prepared.items() if name != "lengths"}
+
+    @torch.no_grad()
+    def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
+        image_items = {name.removeprefix(IMAGE_PREFIX): t for name, t in images.items()}
+        text_items = {name.removeprefix(TEXT_PREFIX): t for name, t in texts.items()}
+        return self.model.score_prepared(image_items, {**text_items, "lengths": lengths}).float()

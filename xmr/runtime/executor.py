@@ -1,0 +1,105 @@
+"""Runs a plan's blocks on a backend and writes each block's scores into the output matrix.
+
+CPU: one block after another (each launch already uses every core). GPU: blocks alternate
+over two or more CUDA streams; each block's scores are copied device -> pinned host buffer
+on its own stream, and the host scatters a buffer into the output only when that stream's
+event says the copy is done — so the next block's gathering and compute overlap the
+previous block's copy-out. Pinned buffers are allocated once per call and reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xmr.runtime.backends.base import Backend
+from xmr.runtime.gallery import ImageGallery, TextGallery
+from xmr.runtime.schedule import Plan
+
+STREAMS = 2
+
+
+@dataclass
+class Block:
+    rows: slice
+    columns: np.ndarray  # caption indices (ascending length)
+    length: int
+
+
+def blocks(plan: Plan) -> list[Block]:
+    return [Block(slice(i, min(i + plan.image_block, plan.n_images)), group.index, group.length)
+            for group in plan.groups for i in range(0, plan.n_images, plan.image_block)]
+
+
+def run_plan(backend: Backend, images: ImageGallery, texts: TextGallery, plan: Plan, out: np.ndarray,
+             advance: Callable[[], None] = lambda: None) -> np.ndarray:
+    """Scores of ``images`` x ``texts`` into ``out`` (float32 ``[Ni, Nt]``), block by block."""
+    if backend.device.type == "cuda":
+        return _run_streams(backend, images, texts, plan, out, advance)
+    for group_blocks in _by_group(blocks(plan)):
+        first = group_blocks[0]
+        index = torch.from_numpy(first.columns)
+        text_items = texts.block(index, first.length, backend.device)
+        lengths = texts.lengths[index].to(backend.device)
+        for block in group_blocks:
+            image_items = {n: t[block.rows] for n, t in images.items.items()}
+            out[block.rows, block.columns] = backend.score(image_items, text_items, lengths).cpu().numpy()
+            advance()
+    return out
+
+
+def _by_group(all_blocks: list[Block]) -> list[list[Block]]:
+    """Blocks sharing one caption group, so its tensors are gathered once."""
+    groups: list[list[Block]] = []
+    for block in all_blocks:
+        if groups and groups[-1][0].columns is block.columns:
+            groups[-1].append(block)
+        else:
+            groups.append([block])
+    return groups
+
+
+class _Slot:
+    """One stream with its pinned host buffer and the block whose scores are in flight."""
+
+    def __init__(self, device: torch.device, rows: int, columns: int) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self.host = torch.empty((rows, columns), dtype=torch.float32, pin_memory=True)
+        self.done = torch.cuda.Event()
+        self.pending: Block | None = None
+
+    def drain(self, out: np.ndarray) -> None:
+        if self.pending is not None:
+            self.done.synchronize()
+            block = self.pending
+            out[block.rows, block.columns] = self.host[: block.rows.stop - block.rows.start, : len(block.columns)].numpy()
+            self.pending = None
+
+
+def _run_streams(backend: Backend, images: ImageGallery, texts: TextGallery, plan: Plan, out: np.ndarray,
+                 advance: Callable[[], None]) -> np.ndarray:
+    device = backend.device
+    widest = max((len(g.index) for g in plan.groups), default=1)
+    slots = [_Slot(device, plan.image_block, widest) for _ in range(STREAMS)]
+    producer = torch.cuda.current_stream(device)
+    for slot in slots:
+        slot.stream.wait_stream(producer)  # galleries were written on the caller's stream
+    for n, block in enumerate(blocks(plan)):
+        slot = slots[n % STREAMS]
+        slot.drain(out)
+        with torch.cuda.stream(slot.stream):
+            index = torch.from_numpy(block.columns)
+            text_items = texts.block(index, block.length, device)
+            lengths = texts.lengths[index].to(device, non_blocking=True)
+            image_items = {name: t[block.rows] for name, t in images.items.items()}
+            scores = backend.score(image_items, text_items, lengths)
+            slot.host[: scores.size(0), : scores.size(1)].copy_(scores, non_blocking=True)
+            slot.done.record(slot.stream)
+        slot.pending = block
+        advance()
+    for slot in slots:
+        slot.drain(out)
+    return out

@@ -1,0 +1,89 @@
+"""How the Ni x Nt score matrix is cut into pair-scorer launches.
+
+Captions are sorted by length and grouped; each group is one column block, padded only to
+its own longest caption, and sized so that the largest per-pair intermediate (pairs x
+tokens x 2D floats, IMRAM's memory input) fits the memory budget at that length — short
+captions get wider blocks. Images are cut into row blocks of a fixed size. Every block also
+stays inside the backend's limits (a TensorRT engine's optimisation profile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xmr.eval.scoring import BLOCK_ELEMENTS
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Most images, captions and tokens one launch may take (None: unbounded)."""
+
+    images: int | None = None
+    captions: int | None = None
+    length: int | None = None
+
+
+@dataclass(frozen=True)
+class CaptionGroup:
+    """Caption indices of one column block (ascending length) and the length it is padded to."""
+
+    index: np.ndarray
+    length: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    image_block: int
+    groups: list[CaptionGroup]
+    n_images: int
+
+    @property
+    def launches(self) -> int:
+        return len(self.groups) * -(-self.n_images // self.image_block)
+
+    def padding_efficiency(self, lengths: np.ndarray) -> float:
+        """Real caption tokens / tokens computed (1.0: no padding)."""
+        return padding_efficiency(lengths, self.groups)
+
+
+def padding_efficiency(lengths: np.ndarray, groups: list[CaptionGroup]) -> float:
+    computed = sum(len(g.index) * g.length for g in groups)
+    return float(np.sum(lengths)) / computed if computed else 1.0
+
+
+def _cap(value: int, limit: int | None) -> int:
+    return max(1, value if limit is None else min(value, limit))
+
+
+def pair_elements(regions: int, length: int, dim: int) -> int:
+    """Floats of the largest per-pair intermediate: (regions + length) tokens x 2D."""
+    return (regions + length) * 2 * dim
+
+
+def plan_blocks(n_images: int, lengths: np.ndarray, regions: int, dim: int, budget: int = BLOCK_ELEMENTS["cpu"],
+                limits: Limits = Limits(), bucketed: bool = True) -> Plan:
+    """Blocks for scoring ``n_images`` images against captions of ``lengths``.
+
+    ``bucketed=False`` keeps the captions in their given order (the baseline padding
+    efficiency is measured against); the block sizes follow the same budget."""
+    lengths = np.asarray(lengths)
+    if len(lengths) == 0 or n_images == 0:
+        return Plan(1, [], n_images)
+    longest = int(lengths.max())
+    pairs_at_longest = max(1, budget // pair_elements(regions, longest, dim))
+    image_block = _cap(min(n_images, int(pairs_at_longest ** 0.5)), limits.images)
+    order = np.argsort(lengths, kind="stable") if bucketed else np.arange(len(lengths))
+    groups, start = [], 0
+    while start < len(order):
+        stop, group_len = start, 0
+        while stop < len(order):
+            candidate_len = max(group_len, int(lengths[order[stop]]))
+            width = budget // (image_block * pair_elements(regions, candidate_len, dim))
+            if stop > start and (stop - start + 1 > _cap(width, limits.captions)):
+                break
+            group_len, stop = candidate_len, stop + 1
+        groups.append(CaptionGroup(order[start:stop], group_len))
+        start = stop
+    return Plan(image_block, groups, n_images)

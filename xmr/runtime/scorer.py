@@ -1,0 +1,386 @@
+"""``Scorer``: load exported artifacts once, encode galleries once, score in large blocks.
+
+    from xmr.runtime import Scorer
+
+    with Scorer.load("artifacts/imram") as scorer:           # backend="auto", precision="fp32"
+        images = scorer.encode_images(features)              # [N, R, img_dim] region features
+        hits = scorer.search(["a dog runs on the grass"], images, k=5)
+        future = scorer.submit(["two people ride bikes"], images, k=5)   # dynamic batching
+
+See docs/runtime.md for the scheduling and the guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from xmr.errors import InputError
+from xmr.eval.scoring import BLOCK_ELEMENTS
+from xmr.export.graphs import LENGTH
+from xmr.progress import progress
+from xmr.runtime.artifacts import Artifacts
+from xmr.runtime.backends import Backend, Prepared, create_backend
+from xmr.runtime.batcher import BatcherConfig, BatcherStats, DynamicBatcher
+from xmr.runtime.executor import run_plan
+from xmr.runtime.gallery import Gallery, ImageGallery, TextGallery, cut_length, pad_length
+from xmr.runtime.inputs import Tokens, as_features, as_tokens, end_token, limit_length, tokenize_captions
+from xmr.runtime.schedule import Plan, plan_blocks
+
+log = logging.getLogger("xmr.runtime")
+
+ENCODE_BATCH = {"cpu": 128, "cuda": 512}  # items per encoder launch
+GPU_MEMORY_FRACTION = 0.5  # of the free device memory, for one block's intermediates
+LIVE_INTERMEDIATES = 8  # per-pair tensors of the block's largest size alive at once (measured upper bound)
+
+Captions = Union[Sequence[str], tuple[Any, Any], TextGallery]
+Images = Union[np.ndarray, torch.Tensor, ImageGallery]
+
+
+@dataclass
+class SearchResult:
+    """Top-k per query, best first: ``indices`` into the gallery and their ``scores``, ``[queries, k]``."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Search:
+    query: Gallery  # encoded query (captions for images, images for captions)
+    gallery: Gallery
+    k: int
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    images: ImageGallery
+    texts: TextGallery
+    pairs: np.ndarray
+
+
+class Scorer:
+    """Scores (image, caption) pairs with one backend; thread-safe."""
+
+    def __init__(self, artifacts: Artifacts, backend: Backend, block_budget: int | None = None,
+                 max_length: int | None = None, truncate: bool = True, batcher: BatcherConfig | None = None) -> None:
+        self.artifacts = artifacts
+        self._backend = backend
+        self.vocab = artifacts.vocab
+        self.max_length = max_length or backend.limits.length
+        self.truncate = truncate
+        self.block_budget = block_budget or self._default_budget()
+        self._lock = threading.RLock()  # one launch sequence at a time on the backend
+        self._counters = {"pairs_scored": 0, "launches": 0, "real_tokens": 0, "computed_tokens": 0}
+        text_outputs = artifacts.manifest["graphs"]["text_encoder"]["outputs"]
+        self._length_axes = {t["name"]: [i for i, d in enumerate(t["shape"]) if d == LENGTH] for t in text_outputs}
+        self._batcher: DynamicBatcher[_Search | _Pairs, Any] = DynamicBatcher(
+            self._run_batch, batcher or BatcherConfig(), key=_batch_key, size=_batch_size, name="xmr-scorer")
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, backend: str = "auto", precision: str = "fp32", device: str | None = None,
+             *, threads: int | None = None, block_budget: int | None = None, max_length: int | None = None,
+             truncate: bool = True, batcher: BatcherConfig | None = None, verify: bool = True) -> Scorer:
+        """A scorer over ``xmr export``'s artifacts.
+
+        ``backend``: ``auto`` (the fastest available for ``precision``), ``tensorrt``,
+        ``onnxruntime`` or ``torch``. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: a GPU
+        when there is one). ``threads``: ONNX Runtime CPU threads (default: the cores this process
+        may use). ``block_budget``: floats of a block's largest intermediate (default: CPU 2^23,
+        GPU a fraction of free memory). ``max_length``: longest caption in tokens (default: the
+        engine's profile; none otherwise); longer ones are truncated with a warning, or refused
+        if ``truncate`` is false. ``batcher``: dynamic batching of ``submit``. ``verify``: check
+        every file against the manifest's sha256."""
+        artifacts = Artifacts.open(artifact_dir, verify)
+        chosen = create_backend(artifacts, backend, precision, device, threads=threads)
+        scorer = cls(artifacts, chosen, block_budget, max_length, truncate, batcher)
+        log.info("xmr runtime: %s %s, %s (asked: backend=%s)", artifacts.kind, artifact_dir, chosen.describe(), backend)
+        return scorer
+
+    # -- what was chosen
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def precision(self) -> str:
+        return self._backend.precision
+
+    @property
+    def device(self) -> str:
+        return str(self._backend.device)
+
+    def __repr__(self) -> str:
+        return f"Scorer({self.artifacts.kind}, {self._backend.describe()})"
+
+    # -- encoding
+    def encode_images(self, features: Images, show_progress: bool = False) -> ImageGallery:
+        """Region features ``[N, R, img_dim]`` (numpy or torch) -> an image gallery on the backend's device."""
+        if isinstance(features, ImageGallery):
+            return self._own(features)
+        config = self.artifacts.config
+        array = as_features(features, self.artifacts.regions, config["img_dim"], single=True)
+        return ImageGallery(self._encode(array, None, "encode images", show_progress), self.artifacts.identity,
+                            self.precision)
+
+    def encode_texts(self, captions: Captions, show_progress: bool = False) -> TextGallery:
+        """Raw captions (tokenised with the model's vocabulary), or ``(ids, lengths)`` -> a caption gallery."""
+        if isinstance(captions, TextGallery):
+            return self._own(captions)
+        tokens = self._tokens(captions)
+        items = self._encode(tokens.ids, tokens.lengths, "encode captions", show_progress)
+        return TextGallery(items, self.artifacts.identity, self.precision, tokens.lengths.clone(),
+                           {"length_axes": self._length_axes})
+
+    def load_gallery(self, path: str | Path) -> Gallery:
+        """A gallery saved with ``gallery.save(path)``, checked against this model, on the backend's device."""
+        return self._own(Gallery.load(path))
+
+    def _tokens(self, captions: Captions) -> Tokens:
+        if isinstance(captions, tuple) and len(captions) == 2 and not isinstance(captions[0], str):
+            tokens = as_tokens(captions[0], captions[1], self.artifacts.config["vocab_size"])
+        else:
+            if self.vocab is None:
+                raise InputError("these artifacts carry no vocabulary: pass captions as (ids, lengths)")
+            tokens = tokenize_captions(captions, self.vocab)
+        return limit_length(tokens, self.max_length, end_token(self.vocab), self.truncate)
+
+    def _encode(self, data: torch.Tensor, lengths: torch.Tensor | None, what: str, show: bool) -> Prepared:
+        """Encoder outputs for every item, in launches of ``ENCODE_BATCH`` (captions sorted by
+        length, each launch cut to its longest), scattered back into input order."""
+        n = data.size(0)
+        batch = ENCODE_BATCH.get(self._backend.device.type, ENCODE_BATCH["cpu"])
+        limit = self._backend.limits.images if lengths is None else self._backend.limits.captions
+        batch = min(batch, limit or batch)
+        order = torch.arange(n) if lengths is None else torch.argsort(lengths, stable=True)
+        device = self._backend.device
+        out: Prepared = {}
+        with self._lock, progress(show) as bar:
+            task = bar.add_task(what, total=n, info="")
+            for start in range(0, n, batch):
+                index = order[start : start + batch]
+                if lengths is None:
+                    result = self._backend.encode_images(data[index].to(device))
+                else:
+                    longest = int(lengths[index].max())
+                    result = self._backend.encode_texts(data[index, :longest].to(device), lengths[index].to(device))
+                for name, tensor in result.items():
+                    if lengths is not None:  # every launch padded to the gallery's longest caption
+                        tensor = pad_length(tensor, self._length_axes[name], data.size(1))
+                    if name not in out:
+                        out[name] = torch.zeros((n, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+                    out[name][index.to(device)] = tensor
+                bar.advance(task, len(index))
+        return out
+
+    def _own(self, gallery: Gallery) -> Gallery:
+        if gallery.identity != self.artifacts.identity:
+            raise InputError(f"this {gallery.kind} gallery was encoded by other weights (checkpoint sha256 "
+                             f"{gallery.identity[:12]}…), not this scorer's ({self.artifacts.identity[:12]}…); re-encode it")
+        if gallery.precision != self.precision:
+            raise InputError(f"this {gallery.kind} gallery was encoded in {gallery.precision}, this scorer runs "
+                             f"{self.precision}; re-encode it with this scorer")
+        return gallery.to(self._backend.device)
+
+    def _images(self, images: Images) -> ImageGallery:
+        return images if isinstance(images, ImageGallery) and images.device == self._backend.device \
+            and images.identity == self.artifacts.identity else self.encode_images(images)
+
+    def _texts(self, texts: Captions) -> TextGallery:
+        return texts if isinstance(texts, TextGallery) and texts.device == self._backend.device \
+            and texts.identity == self.artifacts.identity else self.encode_texts(texts)
+
+    # -- scoring
+    def plan(self, images: ImageGallery, texts: TextGallery, bucketed: bool = True) -> Plan:
+        """How ``score`` cuts ``images`` x ``texts`` into launches."""
+        return plan_blocks(len(images), texts.lengths.numpy(), self.artifacts.regions,
+                           self.artifacts.config["embed_size"], self.block_budget, self._backend.limits, bucketed)
+
+    def score(self, images: Images, texts: Captions, show_progress: bool = False) -> np.ndarray:
+        """float32 scores ``[Ni, Nt]`` of every (image, caption) pair; galleries or raw inputs."""
+        image_gallery, text_gallery = self._images(images), self._texts(texts)
+        plan = self.plan(image_gallery, text_gallery)
+        out = np.empty((len(image_gallery), len(text_gallery)), dtype=np.float32)
+        with self._lock, progress(show_progress) as bar:
+            task = bar.add_task("score", total=plan.launches, info=f"{out.shape[0]}x{out.shape[1]} pairs")
+            run_plan(self._backend, image_gallery, text_gallery, plan, out, lambda: bar.advance(task))
+            self._count(plan, text_gallery.lengths.numpy())
+        return out
+
+    def _count(self, plan: Plan, lengths: np.ndarray) -> None:
+        self._counters["pairs_scored"] += plan.n_images * len(lengths)
+        self._counters["launches"] += plan.launches
+        self._counters["real_tokens"] += int(lengths.sum()) * plan.n_images
+        self._counters["computed_tokens"] += sum(len(g.index) * g.length for g in plan.groups) * plan.n_images
+
+    def search(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
+        """Top-``k`` gallery items per query: captions against an ``ImageGallery`` (text -> image),
+        images against a ``TextGallery`` (image -> text)."""
+        return self._search(self._search_request(query, gallery, k))
+
+    def _search_request(self, query: Images | Captions, gallery: Gallery, k: int) -> _Search:
+        if isinstance(gallery, ImageGallery):
+            encoded: Gallery = self._texts(query)  # type: ignore[arg-type]
+        elif isinstance(gallery, TextGallery):
+            encoded = self._images(query)  # type: ignore[arg-type]
+        else:
+            raise InputError(f"search needs an ImageGallery or TextGallery to search, got {type(gallery).__name__}")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        return _Search(encoded, self._own(gallery), int(k))
+
+    def _search(self, request: _Search) -> SearchResult:
+        if isinstance(request.gallery, ImageGallery):
+            scores = self.score(request.gallery, request.query).T  # (queries, images)
+        else:
+            scores = self.score(request.query, request.gallery)  # (queries, captions)
+        return top_k(scores, request.k)
+
+    def score_pairs(self, images: Images, texts: Captions, pairs: object) -> np.ndarray:
+        """Scores of arbitrary ``(image index, caption index)`` pairs, ``[n_pairs]`` float32."""
+        return self._score_pairs(self._pairs_request(images, texts, pairs))
+
+    def _pairs_request(self, images: Images, texts: Captions, pairs: object) -> _Pairs:
+        image_gallery, text_gallery = self._images(images), self._texts(texts)
+        return _Pairs(image_gallery, text_gallery, check_pairs(pairs, len(image_gallery), len(text_gallery)))
+
+    def _score_pairs(self, request: _Pairs) -> np.ndarray:
+        """Pairs grouped by caption; captions asking for the same images share launches, so only
+        the requested pairs (and no others) are computed when every caption asks for the same set."""
+        pairs, out = request.pairs, np.empty(len(request.pairs), dtype=np.float32)
+        by_images: dict[tuple[int, ...], list[int]] = {}
+        for caption in np.unique(pairs[:, 1]):
+            wanted = tuple(np.unique(pairs[pairs[:, 1] == caption, 0]).tolist())
+            by_images.setdefault(wanted, []).append(int(caption))
+        for wanted, captions in by_images.items():
+            image_index, caption_index = np.asarray(wanted), np.asarray(captions)
+            sub = self.score(_subset(request.images, image_index), _subset(request.texts, caption_index))
+            rows = {int(i): r for r, i in enumerate(image_index)}
+            columns = {int(c): j for j, c in enumerate(caption_index)}
+            mask = np.isin(pairs[:, 1], caption_index)
+            for p in np.flatnonzero(mask):
+                out[p] = sub[rows[int(pairs[p, 0])], columns[int(pairs[p, 1])]]
+        return out
+
+    # -- online serving
+    def submit(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> concurrent.futures.Future[SearchResult]:
+        """``search`` through the dynamic batcher: requests against the same gallery are
+        coalesced into one launch sequence. Input is checked (and encoded) here, so a bad
+        request raises at once; a full queue raises ``QueueFullError``."""
+        return self._batcher.submit(self._search_request(query, gallery, k))
+
+    def submit_pairs(self, images: Images, texts: Captions, pairs: object) -> concurrent.futures.Future[np.ndarray]:
+        """``score_pairs`` through the dynamic batcher."""
+        return self._batcher.submit(self._pairs_request(images, texts, pairs))
+
+    async def search_async(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
+        """``submit`` for asyncio code: awaits the batched result without blocking the loop."""
+        return await asyncio.wrap_future(self.submit(query, gallery, k))
+
+    def _run_batch(self, requests: list[_Search | _Pairs]) -> list[Any]:
+        if isinstance(requests[0], _Pairs):
+            return self._run_pairs_batch(requests)  # type: ignore[arg-type]
+        return self._run_search_batch(requests)  # type: ignore[arg-type]
+
+    def _run_search_batch(self, requests: list[_Search]) -> list[SearchResult]:
+        """One ``score`` of every request's queries against the shared gallery, split per request."""
+        query = _concat([r.query for r in requests])
+        merged = self._search(_Search(query, requests[0].gallery, max(r.k for r in requests)))
+        results, start = [], 0
+        for r in requests:
+            rows = slice(start, start + len(r.query))
+            results.append(SearchResult(merged.indices[rows, : r.k], merged.scores[rows, : r.k]))
+            start = rows.stop
+        return results
+
+    def _run_pairs_batch(self, requests: list[_Pairs]) -> list[np.ndarray]:
+        merged = self._score_pairs(_Pairs(requests[0].images, requests[0].texts, np.concatenate([r.pairs for r in requests])))
+        return np.split(merged, np.cumsum([len(r.pairs) for r in requests])[:-1])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: scoring (pairs, launches, padding efficiency) and the dynamic batcher's."""
+        counters = dict(self._counters)
+        counters["padding_efficiency"] = (counters["real_tokens"] / counters["computed_tokens"]
+                                          if counters["computed_tokens"] else 1.0)
+        batcher: BatcherStats = self._batcher.stats()
+        return {**counters, "batcher": batcher}
+
+    def close(self) -> None:
+        """Finish every submitted request, then refuse new ones."""
+        self._batcher.close()
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _default_budget(self) -> int:
+        device = self._backend.device
+        if device.type != "cuda":
+            return BLOCK_ELEMENTS["cpu"]
+        free, _ = torch.cuda.mem_get_info(device)
+        element = 2 if self.precision == "fp16" else 4
+        return max(BLOCK_ELEMENTS["cpu"], int(free * GPU_MEMORY_FRACTION) // (element * LIVE_INTERMEDIATES))
+
+
+def top_k(scores: np.ndarray, k: int) -> SearchResult:
+    """Best ``k`` columns of each row, best first (ties: lower index first)."""
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return SearchResult(order, np.take_along_axis(scores, order, axis=1))
+
+
+def check_pairs(pairs: object, n_images: int, n_captions: int) -> np.ndarray:
+    array = np.asarray(pairs)
+    if array.ndim != 2 or array.shape[1] != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"pairs must be integer (image, caption) index pairs [n, 2], got {array.dtype} {list(array.shape)}")
+    if len(array) == 0:
+        raise InputError("no pairs given")
+    bad_images = (array[:, 0] < 0) | (array[:, 0] >= n_images)
+    bad_captions = (array[:, 1] < 0) | (array[:, 1] >= n_captions)
+    if bad_images.any() or bad_captions.any():
+        first = int(np.flatnonzero(bad_images | bad_captions)[0])
+        raise InputError(f"pair {first} {array[first].tolist()} is out of range: {n_images} images, {n_captions} captions")
+    return array.astype(np.int64)
+
+
+def _subset(gallery: Gallery, index: np.ndarray) -> Gallery:
+    selected = torch.from_numpy(index).to(gallery.device)
+    items = {n: t.index_select(0, selected) for n, t in gallery.items.items()}
+    lengths = None if gallery.lengths is None else gallery.lengths[torch.from_numpy(index)]
+    return type(gallery)(items, gallery.identity, gallery.precision, lengths, gallery.meta)
+
+
+def _concat(galleries: list[Gallery]) -> Gallery:
+    """One gallery of several (captions padded to the longest)."""
+    first = galleries[0]
+    if len(galleries) == 1:
+        return first
+    if first.lengths is None:
+        items = {n: torch.cat([g.items[n] for g in galleries]) for n in first.items}
+        return type(first)(items, first.identity, first.precision)
+    longest = max(int(g.lengths.max()) for g in galleries)
+    axes = first.meta["length_axes"]
+    items = {n: torch.cat([pad_length(cut_length(g.items[n], axes[n], min(longest, g.items[n].size(1))), axes[n], longest)
+                           for g in galleries]) for n in first.items}
+    return type(first)(items, first.identity, first.precision, torch.cat([g.lengths for g in galleries]), first.meta)
+
+
+def _batch_key(request: _Search | _Pairs) -> tuple:
+    if isinstance(request, _Pairs):
+        return ("pairs", id(request.images), id(request.texts))
+    return ("search", id(request.gallery))
+
+
+def _batch_size(request: _Search | _Pairs) -> int:
+    return len(request.pairs) if isinstance(request, _Pairs) else len(request.query)
