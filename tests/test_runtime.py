@@ -368,3 +368,28 @@ def test_torch_cuda_streams_match_the_cpu_scores(artifacts, test_split, precisio
         assert gpu.plan(gpu.encode_images(test_split.features), gpu.encode_texts(test_split.captions)).launches > 4
         scores = gpu.score(test_split.features, test_split.captions)
     np.testing.assert_allclose(scores, expected, atol=1e-4 if precision == "fp32" else 2e-2, rtol=0)
+
+
+def test_tensorrt_engines_built_for_another_gpu_or_version_are_refused(artifacts, monkeypatch):
+    """The checks run before any engine is deserialized, so they are testable without a GPU."""
+    from types import SimpleNamespace
+
+    from xmr.runtime.artifacts import Artifacts
+    from xmr.runtime.backends.tensorrt_backend import engines_problem
+
+    opened = Artifacts.open(artifacts)
+    trt = SimpleNamespace(__version__="10.9.0")
+    assert "TensorRT is not installed" in engines_problem(opened, "fp16", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    assert "no TensorRT engines (not requested)" in engines_problem(opened, "fp16", trt)
+    files = {g: {"fp16": f"{g}.fp16.engine"} for g in GRAPHS}
+    built = {"built": True, "files": files, "tensorrt": "10.9.0", "gpu": "NVIDIA A100", "compute_capability": "8.0"}
+    opened.manifest["engines"] = built
+    assert "built for NVIDIA A100 (compute capability 8.0), this GPU is NVIDIA H100 (9.0)" in engines_problem(opened, "fp16", trt)
+    assert "no int8 engine for image_encoder, text_encoder, pair_scorer" in engines_problem(opened, "int8", trt)
+    opened.manifest["engines"] = {**built, "compute_capability": "9.0", "tensorrt": "10.3.0"}
+    assert "built with TensorRT 10.3.0, this is 10.9.0" in engines_problem(opened, "fp16", trt)
+    opened.manifest["engines"] = {**built, "compute_capability": "9.0"}
+    assert engines_problem(opened, "fp16", trt) is None

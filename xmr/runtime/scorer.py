@@ -79,6 +79,7 @@ class Scorer:
         self.max_length = max_length or backend.limits.length
         self.truncate = truncate
         self.block_budget = block_budget or self._default_budget()
+        self.bucketed = True  # sort captions by length into blocks (False: only for measuring what that saves)
         self._lock = threading.RLock()  # one launch sequence at a time on the backend
         self._counters = {"pairs_scored": 0, "launches": 0, "real_tokens": 0, "computed_tokens": 0}
         text_outputs = artifacts.manifest["graphs"]["text_encoder"]["outputs"]
@@ -200,10 +201,11 @@ class Scorer:
             and texts.identity == self.artifacts.identity else self.encode_texts(texts)
 
     # -- scoring
-    def plan(self, images: ImageGallery, texts: TextGallery, bucketed: bool = True) -> Plan:
-        """How ``score`` cuts ``images`` x ``texts`` into launches."""
+    def plan(self, images: ImageGallery, texts: TextGallery) -> Plan:
+        """How ``score`` cuts ``images`` x ``texts`` into launches (``bucketed=False``: captions in
+        their given order, the baseline that length bucketing is measured against)."""
         return plan_blocks(len(images), texts.lengths.numpy(), self.artifacts.regions,
-                           self.artifacts.config["embed_size"], self.block_budget, self._backend.limits, bucketed)
+                           self.artifacts.config["embed_size"], self.block_budget, self._backend.limits, self.bucketed)
 
     def score(self, images: Images, texts: Captions, show_progress: bool = False) -> np.ndarray:
         """float32 scores ``[Ni, Nt]`` of every (image, caption) pair; galleries or raw inputs."""

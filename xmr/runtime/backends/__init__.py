@@ -18,10 +18,10 @@ __all__ = ["BACKENDS", "PRECISIONS", "Backend", "Prepared", "auto_candidates", "
 
 
 def auto_candidates(artifacts: Artifacts, precision: str, device: str | None) -> list[str]:
-    """Backends ``auto`` tries for ``precision``, fastest first (measured: docs/runtime.md).
+    """Backends ``auto`` tries for ``precision``, in order (docs/runtime.md says why).
 
     GPU: TensorRT engines, then ONNX Runtime's CUDA provider, then PyTorch. CPU: ONNX Runtime
-    (the only CPU backend for fp16/int8 graphs), then PyTorch for fp32."""
+    (the only CPU backend for fp16/int8 graphs; within 10% of PyTorch in fp32), then PyTorch."""
     gpu = device is None or str(device).startswith("cuda")
     names = []
     if gpu and torch.cuda.is_available():
