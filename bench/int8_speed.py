@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from results import write_results
 
 from xmr.calibration.dataset import CalibrationConfig, build_calibration_set
 from xmr.calibration.fallback import Quantizer
@@ -152,13 +150,7 @@ def main() -> None:
                 shares.add_row(precision, ", ".join(f"{op} {100 * v:.0f}%" for op, v in list(ops.items())[:8]))
             console.print(shares)
     if args.json:
-        import onnxruntime
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "onnxruntime": onnxruntime.__version__, "rows": rows}, indent=2) + "\n")
+        write_results(args.json, rows, ("onnxruntime",))
 
 
 if __name__ == "__main__":

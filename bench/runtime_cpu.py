@@ -19,11 +19,7 @@ Flickr30K's), clipped to [4, 40], plus <start>/<end>.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +28,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from results import write_results
 
 from xmr.data.synth import synth_vocabulary
 from xmr.export.artifacts import export_artifacts
@@ -116,13 +113,7 @@ def main() -> None:
                       f"{r['max_abs_diff_vs_torch']:.1e}")
     console.print(table)
     if args.json:
-        import onnxruntime
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "rows": rows}, indent=2) + "\n")
+        write_results(args.json, rows, ("torch", "onnxruntime"))
 
 
 if __name__ == "__main__":

@@ -193,12 +193,10 @@ class Scorer:
         return gallery.to(self._backend.device)
 
     def _images(self, images: Images) -> ImageGallery:
-        return images if isinstance(images, ImageGallery) and images.device == self._backend.device \
-            and images.identity == self.artifacts.identity else self.encode_images(images)
+        return self._own(images) if isinstance(images, ImageGallery) else self.encode_images(images)
 
     def _texts(self, texts: Captions) -> TextGallery:
-        return texts if isinstance(texts, TextGallery) and texts.device == self._backend.device \
-            and texts.identity == self.artifacts.identity else self.encode_texts(texts)
+        return self._own(texts) if isinstance(texts, TextGallery) else self.encode_texts(texts)
 
     # -- scoring
     def plan(self, images: ImageGallery, texts: TextGallery) -> Plan:
@@ -256,21 +254,20 @@ class Scorer:
         return _Pairs(image_gallery, text_gallery, check_pairs(pairs, len(image_gallery), len(text_gallery)))
 
     def _score_pairs(self, request: _Pairs) -> np.ndarray:
-        """Pairs grouped by caption; captions asking for the same images share launches, so only
-        the requested pairs (and no others) are computed when every caption asks for the same set."""
+        """Pairs grouped by caption; captions asking for the same set of images share one
+        ``score`` call (that set x those captions), so when every caption asks for the same
+        images nothing but the requested pairs is computed."""
         pairs, out = request.pairs, np.empty(len(request.pairs), dtype=np.float32)
+        by_caption = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]
+        captions, starts = np.unique(by_caption[:, 1], return_index=True)
         by_images: dict[tuple[int, ...], list[int]] = {}
-        for caption in np.unique(pairs[:, 1]):
-            wanted = tuple(np.unique(pairs[pairs[:, 1] == caption, 0]).tolist())
-            by_images.setdefault(wanted, []).append(int(caption))
-        for wanted, captions in by_images.items():
-            image_index, caption_index = np.asarray(wanted), np.asarray(captions)
+        for caption, wanted in zip(captions.tolist(), np.split(by_caption[:, 0], starts[1:])):
+            by_images.setdefault(tuple(np.unique(wanted).tolist()), []).append(caption)
+        for wanted, caption_list in by_images.items():
+            image_index, caption_index = np.asarray(wanted), np.asarray(caption_list)  # both ascending
             sub = self.score(_subset(request.images, image_index), _subset(request.texts, caption_index))
-            rows = {int(i): r for r, i in enumerate(image_index)}
-            columns = {int(c): j for j, c in enumerate(caption_index)}
-            mask = np.isin(pairs[:, 1], caption_index)
-            for p in np.flatnonzero(mask):
-                out[p] = sub[rows[int(pairs[p, 0])], columns[int(pairs[p, 1])]]
+            mine = np.flatnonzero(np.isin(pairs[:, 1], caption_index))
+            out[mine] = sub[np.searchsorted(image_index, pairs[mine, 0]), np.searchsorted(caption_index, pairs[mine, 1])]
         return out
 
     # -- online serving

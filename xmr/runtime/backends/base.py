@@ -43,3 +43,20 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return f"{self.name} {self.precision} on {self.device}"
+
+
+class GraphBackend(Backend):
+    """A backend that runs the three exported graphs by name (ONNX Runtime, TensorRT)."""
+
+    @abstractmethod
+    def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs of ``graph`` by name for ``feeds`` (its inputs by name, extra ones ignored)."""
+
+    def encode_images(self, features: torch.Tensor) -> Prepared:
+        return self._run("image_encoder", {"features": features})
+
+    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
+        return self._run("text_encoder", {"ids": ids, "lengths": lengths})
+
+    def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
+        return self._run("pair_scorer", {**images, **texts, "lengths": lengths})["scores"]

@@ -17,7 +17,7 @@ from xmr.errors import BackendUnavailableError
 from xmr.export.artifacts import manifest_specs
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.runtime.artifacts import Artifacts
-from xmr.runtime.backends.base import Backend, Prepared
+from xmr.runtime.backends.base import GraphBackend
 
 def available_cores() -> int:
     try:
@@ -34,7 +34,7 @@ def cuda_provider_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None,
@@ -87,15 +87,6 @@ class OnnxRuntimeBackend(Backend):
         torch.cuda.current_stream(self.device).synchronize()  # inputs written on our stream must be complete
         session.run_with_iobinding(binding)
         return outputs
-
-    def encode_images(self, features: torch.Tensor) -> Prepared:
-        return self._run("image_encoder", {"features": features})
-
-    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
-        return self._run("text_encoder", {"ids": ids, "lengths": lengths})
-
-    def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
-        return self._run("pair_scorer", {**images, **texts, "lengths": lengths})["scores"]
 
     def describe(self) -> str:
         where = f"{self.device}" if self.device.type == "cuda" else f"cpu, {self.threads} threads"

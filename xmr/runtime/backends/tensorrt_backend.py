@@ -15,7 +15,7 @@ from xmr.errors import BackendUnavailableError
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.export.tensorrt import load_tensorrt
 from xmr.runtime.artifacts import Artifacts
-from xmr.runtime.backends.base import Backend, Prepared
+from xmr.runtime.backends.base import GraphBackend
 from xmr.runtime.schedule import Limits
 
 
@@ -40,7 +40,7 @@ def engines_problem(artifacts: Artifacts, precision: str, trt: object | None) ->
     return None
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(GraphBackend):
     name = "tensorrt"
 
     def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None) -> None:
@@ -100,11 +100,3 @@ class TensorRTBackend(Backend):
         return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
                 trt.int32: torch.int32, trt.bool: torch.bool}[dtype]
 
-    def encode_images(self, features: torch.Tensor) -> Prepared:
-        return self._run("image_encoder", {"features": features})
-
-    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
-        return self._run("text_encoder", {"ids": ids, "lengths": lengths})
-
-    def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
-        return self._run("pair_scorer", {**images, **texts, "lengths": lengths})["scores"]
