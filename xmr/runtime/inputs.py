@@ -6,9 +6,11 @@ caption); recoverable oddities (unknown words, over-long captions) are warnings.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +22,15 @@ from xmr.errors import InputError
 
 class InputWarning(UserWarning):
     """Input the runtime changed to score it: unknown words, truncated captions."""
+
+
+def _warn(message: str) -> None:
+    """An ``InputWarning`` attributed to the caller's line, however deep inside xmr it is raised."""
+    package = Path(__file__).resolve().parents[1]
+    frame, level = sys._getframe(1), 2
+    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, InputWarning, stacklevel=level)
 
 
 @dataclass
@@ -78,8 +89,8 @@ def tokenize_captions(captions: Sequence[str], vocab: Vocabulary) -> Tokens:
         raise InputError("no captions given (empty list)")
     if unknown:
         shown = ", ".join(sorted(unknown)[:8])
-        warnings.warn(f"{len(unknown)} word(s) not in the model's vocabulary scored as {UNK}: {shown}"
-                      f"{' ...' if len(unknown) > 8 else ''}", InputWarning, stacklevel=3)
+        _warn(f"{len(unknown)} word(s) not in the model's vocabulary scored as {UNK}: {shown}"
+              f"{' ...' if len(unknown) > 8 else ''}")
     ids, lengths = pad_token_ids(sequences)
     return Tokens(ids, lengths)
 
@@ -114,8 +125,7 @@ def limit_length(tokens: Tokens, max_length: int | None, end_id: int, truncate: 
     if not truncate:
         raise InputError(f"{where} have more than {max_length} tokens, the longest the backend takes "
                          f"(longest: {int(tokens.lengths.max())}); shorten them or allow truncation")
-    warnings.warn(f"{where} truncated to {max_length} tokens (the longest the backend takes)", InputWarning,
-                  stacklevel=3)
+    _warn(f"{where} truncated to {max_length} tokens (the longest the backend takes)")
     ids = tokens.ids[:, :max_length].clone()
     lengths = tokens.lengths.clamp(max=max_length)
     ids[long, max_length - 1] = end_id
