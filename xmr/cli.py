@@ -333,6 +333,54 @@ def calibrate_command(
     run_calibration(artifacts, data, config, accuracy_target, eval_split, eval_images, report_split, sensitivity, engine)
 
 
+@app.command("serve-bench")
+@user_errors
+def serve_bench_command(
+    model: CrossAttentionModel = typer.Option(CrossAttentionModel.imram, "--model", "-m", help="Model to measure."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Weights to measure [default: random seeded weights at the "
+                                                          "released sizes: D 1024, 36 x 2048-d regions, word_dim 300]."),
+    artifacts: Optional[Path] = typer.Option(None, help="Existing artifact directory to measure [default: built under "
+                                                         "OUT/artifacts, once]."),
+    data: Optional[Path] = typer.Option(None, help="Precomp data whose test split gives each row's recall "
+                                                   "[default: synthetic data of the model's shape]."),
+    out: Path = typer.Option(Path("runs/serve-bench"), "--out", "-o", help="Where the report (JSON, PNG) goes."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: 100 x 500 pairs, short timings."),
+    images: Optional[int] = typer.Option(None, help="Images N of the N x 5N matrix [default: 1000, the Flickr30K 1K test]."),
+    seconds: Optional[float] = typer.Option(None, help="Scoring time per backend/precision row, seconds [default: 15]."),
+    online_seconds: Optional[float] = typer.Option(None, help="Time per online load setting, seconds [default: 4]."),
+    gallery: Optional[int] = typer.Option(None, help="Online image gallery size [default: 100 on CPU, 1000 on GPU]."),
+    backend: Optional[str] = typer.Option(None, help="Comma-separated backends to measure [default: all available]."),
+    precision: Optional[str] = typer.Option(None, help="Comma-separated precisions to measure [default: all]."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+) -> None:
+    """Throughput (full score matrix) and latency under load, per backend and precision, against
+    the authors' evaluation loop and our PyTorch model, with each precision's recall."""
+    import dataclasses
+
+    import torch
+
+    from xmr.eval.serve_bench import PLOT, ServeBenchConfig, run_serve_bench, write_report
+    from xmr.eval.serve_report import plot_report, print_report
+
+    config = ServeBenchConfig.quick() if quick else ServeBenchConfig()
+    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    offline = dataclasses.replace(config.offline, **{k: v for k, v in (("images", images), ("seconds", seconds)) if v})
+    online = dataclasses.replace(config.online, **{k: v for k, v in (
+        ("seconds", online_seconds), ("gallery_images", gallery or (1000 if gpu and not quick else None))) if v})
+    config = dataclasses.replace(
+        config, model=model.value, checkpoint=checkpoint, artifacts=artifacts, data=data, out=out, device=device,
+        backends=_names(backend), precisions=_names(precision), offline=offline, online=online)
+    report = run_serve_bench(config)
+    print_report(report, console)
+    path = write_report(report, out)
+    plot = plot_report(report, out / PLOT)
+    console.print(f"report: {path}" + (f", plot: {plot}" if plot else " (no plot: pip install matplotlib)"))
+
+
+def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
 def main() -> None:
     app(prog_name="xmr")
 

@@ -48,6 +48,13 @@ class Gallery:
         return type(self)({n: t.to(device) for n, t in self.items.items()}, self.identity, self.precision,
                           self.lengths, dict(self.meta))
 
+    def select(self, index: np.ndarray | list[int]) -> Gallery:
+        """The items at ``index`` (in that order), as a gallery of the same kind."""
+        index = torch.as_tensor(np.asarray(index), dtype=torch.int64)
+        items = {n: t.index_select(0, index.to(t.device)) for n, t in self.items.items()}
+        lengths = None if self.lengths is None else self.lengths[index]
+        return type(self)(items, self.identity, self.precision, lengths, dict(self.meta))
+
     def save(self, path: str | Path) -> Path:
         """Write the gallery to directory ``path`` (replaced atomically if it exists)."""
         path = Path(path)

@@ -265,7 +265,7 @@ class Scorer:
             by_images.setdefault(tuple(np.unique(wanted).tolist()), []).append(caption)
         for wanted, caption_list in by_images.items():
             image_index, caption_index = np.asarray(wanted), np.asarray(caption_list)  # both ascending
-            sub = self.score(_subset(request.images, image_index), _subset(request.texts, caption_index))
+            sub = self.score(request.images.select(image_index), request.texts.select(caption_index))
             mine = np.flatnonzero(np.isin(pairs[:, 1], caption_index))
             out[mine] = sub[np.searchsorted(image_index, pairs[mine, 0]), np.searchsorted(caption_index, pairs[mine, 1])]
         return out
@@ -304,6 +304,16 @@ class Scorer:
     def _run_pairs_batch(self, requests: list[_Pairs]) -> list[np.ndarray]:
         merged = self._score_pairs(_Pairs(requests[0].images, requests[0].texts, np.concatenate([r.pairs for r in requests])))
         return np.split(merged, np.cumsum([len(r.pairs) for r in requests])[:-1])
+
+    @property
+    def batcher_config(self) -> BatcherConfig:
+        return self._batcher.config
+
+    @batcher_config.setter
+    def batcher_config(self, config: BatcherConfig) -> None:
+        """New batching limits, applied from the next batch on (requests already queued stay)."""
+        config.validate()
+        self._batcher.config = config
 
     def stats(self) -> dict[str, Any]:
         """Counters: scoring (pairs, launches, padding efficiency) and the dynamic batcher's."""
@@ -351,13 +361,6 @@ def check_pairs(pairs: object, n_images: int, n_captions: int) -> np.ndarray:
         first = int(np.flatnonzero(bad_images | bad_captions)[0])
         raise InputError(f"pair {first} {array[first].tolist()} is out of range: {n_images} images, {n_captions} captions")
     return array.astype(np.int64)
-
-
-def _subset(gallery: Gallery, index: np.ndarray) -> Gallery:
-    selected = torch.from_numpy(index).to(gallery.device)
-    items = {n: t.index_select(0, selected) for n, t in gallery.items.items()}
-    lengths = None if gallery.lengths is None else gallery.lengths[torch.from_numpy(index)]
-    return type(gallery)(items, gallery.identity, gallery.precision, lengths, gallery.meta)
 
 
 def _concat(galleries: list[Gallery]) -> Gallery:

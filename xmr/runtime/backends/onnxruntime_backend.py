@@ -8,23 +8,15 @@ bus between the encoders and the pair scorer.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
 from xmr.errors import BackendUnavailableError
+from xmr.eval.hardware import available_cores
 from xmr.export.artifacts import manifest_specs
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import GraphBackend
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
 
 def cuda_provider_available() -> bool:
     try:

@@ -1,0 +1,193 @@
+"""Offline throughput: the full N x M score matrix per backend and precision, against the
+authors' evaluation loop and our vectorised PyTorch model, in one run.
+
+Each row loads a ``Scorer``, encodes all N images and a sample of the captions (timed), then
+scores all N images against chunks of the sampled captions until its time budget is spent:
+pairs per second is measured on that work and the full matrix's time extrapolated from it
+(``extrapolated`` says so). The authors' loop — one caption at a time against every image,
+in PyTorch fp32, as the released evaluation code does — is timed the same way. Each row also
+scores the synthetic test split for its recall and its change against fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmr.calibration.accuracy import accuracy, mean_rank_agreement
+from xmr.data import load_split
+from xmr.data.precomp import PrecompSplit
+from xmr.errors import BackendUnavailableError
+from xmr.eval.hardware import Hardware, UtilisationMonitor
+from xmr.eval.workload import Inputs
+from xmr.models.base import RetrievalModel
+from xmr.models.checkpoint import load_checkpoint
+from xmr.models.flops import released_evaluation_flops, scoring_cost
+from xmr.runtime import Scorer
+from xmr.runtime.artifacts import Artifacts
+
+CANDIDATES = (("torch", "fp32"), ("torch", "fp16"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"),
+              ("onnxruntime", "int8"), ("tensorrt", "fp16"), ("tensorrt", "int8"))
+CHUNK = 50  # captions per score call while timing
+
+
+@dataclass
+class OfflineConfig:
+    images: int = 1000
+    captions_per_image: int = 5
+    seconds: float = 15.0  # scoring time budget per row
+    encode_captions: int = 500  # captions encoded (timed) and cycled through while scoring
+    authors_seconds: float = 10.0
+    seed: int = 0
+
+    @property
+    def captions(self) -> int:
+        return self.images * self.captions_per_image
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def score_for_seconds(scorer: Scorer, images: Any, texts: Any, seconds: float, device: str) -> tuple[int, float]:
+    """(pairs, seconds) of scoring ``images`` against chunks of ``texts`` until ``seconds`` pass
+    (at least one chunk); chunks cycle through the captions in order."""
+    n, pairs, elapsed, start = len(texts), 0, 0.0, 0
+    while elapsed < seconds or pairs == 0:
+        index = np.arange(start, start + CHUNK) % n
+        chunk = texts.select(index)
+        _sync(device)
+        took, _ = timed(lambda: scorer.score(images, chunk))
+        elapsed += took
+        pairs += len(images) * len(index)
+        start = (start + CHUNK) % n
+    return pairs, elapsed
+
+
+def measure_backend(artifacts: Path, backend: str, precision: str, device: str | None, inputs: Inputs,
+                    config: OfflineConfig, split: PrecompSplit) -> dict[str, Any]:
+    """One row: load, encode, score for the time budget, and score the accuracy split."""
+    try:
+        load_seconds, scorer = timed(lambda: Scorer.load(artifacts, backend=backend, precision=precision, device=device))
+    except (BackendUnavailableError, Exception) as e:  # noqa: BLE001  (a row that cannot run says why and is skipped)
+        return {"backend": backend, "precision": precision, "skipped": str(e).splitlines()[0]}
+    sample = min(config.encode_captions, len(inputs.lengths))
+    with scorer, UtilisationMonitor(scorer.device) as util:
+        image_seconds, images = timed(lambda: scorer.encode_images(inputs.features))
+        caption_seconds, texts = timed(lambda: scorer.encode_texts((inputs.ids[:sample], inputs.lengths[:sample])))
+        pairs, score_seconds = score_for_seconds(scorer, images, texts, config.seconds, scorer.device)
+        efficiency = scorer.stats()["padding_efficiency"]
+        del images, texts
+        split_scores = scorer.score(split.features, split.captions)
+    pairs_per_second = pairs / score_seconds
+    n_pairs = config.images * config.captions
+    encode_total = image_seconds * config.images / len(inputs.features) + caption_seconds * config.captions / sample
+    return {"backend": scorer.backend, "precision": scorer.precision, "device": scorer.device,
+            "load_seconds": load_seconds, "images_per_second": len(inputs.features) / image_seconds,
+            "captions_per_second": sample / caption_seconds, "encode_seconds": encode_total,
+            "pairs_timed": pairs, "score_seconds_timed": score_seconds, "pairs_per_second": pairs_per_second,
+            "score_seconds": n_pairs / pairs_per_second, "total_seconds": encode_total + n_pairs / pairs_per_second,
+            "extrapolated": pairs < n_pairs or sample < config.captions, "padding_efficiency": efficiency,
+            "peak_process_bytes": util.peak_rss_bytes, "peak_gpu_bytes": util.peak_gpu_bytes, "cpu_utilisation": util.cpu,
+            "gpu_utilisation": util.gpu, "_split_scores": split_scores}
+
+
+def authors_baseline(model: RetrievalModel, inputs: Inputs, config: OfflineConfig, device: str) -> dict[str, Any]:
+    """The released evaluation's way: every caption alone against all images, PyTorch fp32."""
+    model = model.to(device).eval()
+    sample = min(config.encode_captions, len(inputs.lengths))
+    with torch.no_grad(), UtilisationMonitor(device) as util:
+        img_emb = torch.cat([model.encode_images(torch.from_numpy(inputs.features[i : i + 128]).to(device))
+                             for i in range(0, len(inputs.features), 128)])
+        ids = torch.from_numpy(inputs.ids[:sample]).to(device)
+        lengths = torch.from_numpy(inputs.lengths[:sample]).to(device)
+        cap_emb = model.encode_texts(ids, lengths)
+        captions, elapsed = 0, 0.0
+        while elapsed < config.authors_seconds or captions == 0:
+            c = captions % sample
+            _sync(device)
+            took, _ = timed(lambda: model.score_authors_style(img_emb, cap_emb[c : c + 1], lengths[c : c + 1]))
+            _sync(device)
+            elapsed += took
+            captions += 1
+    pairs = len(inputs.features) * captions
+    pairs_per_second = pairs / elapsed
+    n_pairs = config.images * config.captions
+    return {"backend": "authors' loop (torch)", "precision": "fp32", "device": device, "pairs_timed": pairs,
+            "captions_timed": captions, "score_seconds_timed": elapsed, "pairs_per_second": pairs_per_second,
+            "score_seconds": n_pairs / pairs_per_second, "extrapolated": True,
+            "peak_process_bytes": util.peak_rss_bytes, "cpu_utilisation": util.cpu, "gpu_utilisation": util.gpu}
+
+
+def cost_model(artifacts: Artifacts, model: RetrievalModel, inputs: Inputs, hardware: Hardware) -> dict[str, Any]:
+    """Matmul FLOPs per pair of each form at the mean caption length (xmr.models.flops)."""
+    length = int(round(float(inputs.lengths.mean())))
+    regions = artifacts.regions
+    fast = scoring_cost(model.config, regions, length, "fast")
+    n_images = len(inputs.features)
+    return {"mean_caption_tokens": length, "regions": regions,
+            "fast_flops_per_pair": fast.block(n_images, CHUNK) / (n_images * CHUNK),
+            "fast_per_item_flops": {"image": fast.per_image, "caption": fast.per_caption},
+            "authors_flops_per_pair": released_evaluation_flops(model.config, regions, length, n_images, 1) / n_images,
+            "hardware": hardware.as_dict()}
+
+
+def add_ratios(rows: list[dict[str, Any]], authors: dict[str, Any], cost: dict[str, Any], reference: np.ndarray,
+               split: PrecompSplit) -> None:
+    """Speedups over the authors' loop and our PyTorch fp32 row, achieved FLOP/s and roofline
+    fraction, and accuracy on the split against ``reference`` (fp32 scores)."""
+    torch_fp32 = next((r for r in rows if r["backend"] == "torch" and r["precision"] == "fp32" and "skipped" not in r), None)
+    peaks = cost["hardware"]["peak_flops"]
+    authors["flops_per_second"] = cost["authors_flops_per_pair"] * authors["pairs_per_second"]
+    authors["fraction_of_peak"] = _fraction(authors["flops_per_second"], peaks.get("fp32"))
+    for row in rows:
+        if "skipped" in row:
+            continue
+        row["speedup_vs_authors"] = row["pairs_per_second"] / authors["pairs_per_second"]
+        row["speedup_vs_torch_fp32"] = row["pairs_per_second"] / torch_fp32["pairs_per_second"] if torch_fp32 else None
+        row["flops_per_second"] = cost["fast_flops_per_pair"] * row["pairs_per_second"]
+        row["fraction_of_peak"] = _fraction(row["flops_per_second"], peaks.get(row["precision"]))
+        metrics = accuracy(row.pop("_split_scores"), reference, split.per_image)
+        metrics["rank_agreement"] = mean_rank_agreement(metrics)
+        row["accuracy"] = metrics
+
+
+def _fraction(achieved: float, peak: float | None) -> float | None:
+    return achieved / peak if peak else None
+
+
+def run_offline(artifacts: Path, data: Path, inputs: Inputs, config: OfflineConfig, hardware: Hardware,
+                candidates: list[tuple[str, str]], device: str | None, test_images: int,
+                advance=lambda label: None) -> dict[str, Any]:
+    opened = Artifacts.open(artifacts)
+    split = load_split(data, "test", opened.vocab)
+    split = PrecompSplit(split.features[:test_images], split.captions[: test_images * split.per_image], opened.vocab,
+                         split.name)
+    model = load_checkpoint(opened.checkpoint())
+    torch_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.no_grad():
+        ids, lengths = split.caption_batch(range(split.n_captions))
+        reference = model.similarity(split.image_batch(range(split.n_images)), ids, lengths).numpy()
+    rows = []
+    for backend, precision in candidates:
+        advance(f"{backend} {precision}")
+        rows.append(measure_backend(artifacts, backend, precision, device, inputs, config, split))
+    advance("authors' loop")
+    authors = authors_baseline(model, inputs, config, torch_device)
+    cost = cost_model(opened, model, inputs, hardware)
+    add_ratios(rows, authors, cost, reference, split)
+    return {"rows": rows, "authors": authors, "cost_model": cost, "accuracy_split": {
+        "data": str(data), "split": "test", "images": split.n_images, "captions": split.n_captions,
+        "reference": "PyTorch fp32 model"}}

@@ -1,0 +1,157 @@
+"""Online serving under load: top-k searches through ``Scorer.submit`` and its dynamic batcher.
+
+Closed loop: C clients, each sending its next request when the previous one returns.
+Open loop: requests arrive as a Poisson process at rate λ whatever the server does, so
+queueing (and, past capacity, rejection) shows. A request's latency runs from its arrival
+(or, closed loop, its send) to its result, so it includes encoding the query in the
+caller's thread, queueing, and the batched scoring.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from xmr.eval.hardware import UtilisationMonitor
+from xmr.runtime import BatcherConfig, QueueFullError, Scorer
+from xmr.runtime.batcher import BatcherStats
+from xmr.runtime.gallery import Gallery
+
+
+@dataclass
+class OnlineConfig:
+    seconds: float = 4.0  # per setting
+    gallery_images: int = 100  # image gallery (and 5x captions for image -> text)
+    k: int = 10
+    clients: tuple[int, ...] = (1, 4, 16)
+    load_fractions: tuple[float, ...] = (0.5, 0.9, 1.2)  # open-loop rates, x the closed loop's best QPS
+    delays_ms: tuple[float, ...] = (0.0, 2.0, 10.0)  # max_queue_delay_ms sweep, at the most clients
+    max_batch: int = 64
+    max_queue: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Workload:
+    name: str  # text->image | image->text
+    gallery: Gallery
+    queries: list  # one request's query each
+
+
+def percentiles(latencies: list[float]) -> dict[str, float | None]:
+    if not latencies:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
+    ms = np.asarray(latencies) * 1e3
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "mean_ms": float(ms.mean())}
+
+
+def stats_delta(before: BatcherStats, after: BatcherStats) -> dict[str, Any]:
+    histogram = {size: count - before.batch_sizes.get(size, 0) for size, count in after.batch_sizes.items()}
+    requests, batches = after.requests - before.requests, after.batches - before.batches
+    return {"requests": requests, "batches": batches, "failed": after.failed - before.failed,
+            "rejected": after.rejected - before.rejected,
+            "batch_size_histogram": {str(k): v for k, v in sorted(histogram.items()) if v},
+            "mean_batch_size": requests / batches if batches else 0.0,
+            "mean_queue_ms": 1e3 * (after.queue_seconds - before.queue_seconds) / requests if requests else None,
+            "mean_compute_ms_per_batch": 1e3 * (after.compute_seconds - before.compute_seconds) / batches if batches else None}
+
+
+def _measure(scorer: Scorer, run: Callable[[], tuple[list[float], int, float]], setting: dict[str, Any]) -> dict[str, Any]:
+    before = scorer.stats()["batcher"]
+    with UtilisationMonitor(scorer.device) as util:
+        latencies, rejected, seconds = run()
+    return {**setting, "completed": len(latencies), "rejected_at_submit": rejected, "seconds": seconds,
+            "qps": len(latencies) / seconds, **percentiles(latencies),
+            **stats_delta(before, scorer.stats()["batcher"]), "cpu_utilisation": util.cpu, "gpu_utilisation": util.gpu}
+
+
+def closed_loop(scorer: Scorer, workload: Workload, clients: int, config: OnlineConfig) -> dict[str, Any]:
+    def run() -> tuple[list[float], int, float]:
+        latencies: list[float] = []
+        lock, start = threading.Lock(), time.perf_counter()
+        deadline = start + config.seconds
+
+        def client(offset: int) -> None:
+            i = offset
+            while time.perf_counter() < deadline:
+                sent = time.perf_counter()
+                scorer.submit(workload.queries[i % len(workload.queries)], workload.gallery, config.k).result()
+                with lock:
+                    latencies.append(time.perf_counter() - sent)
+                i += clients
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return latencies, 0, time.perf_counter() - start
+
+    return _measure(scorer, run, {"workload": workload.name, "mode": "closed", "clients": clients,
+                                  "max_queue_delay_ms": scorer.batcher_config.max_queue_delay_ms})
+
+
+def open_loop(scorer: Scorer, workload: Workload, rate: float, config: OnlineConfig) -> dict[str, Any]:
+    """Poisson arrivals at ``rate`` per second for ``config.seconds``; every accepted request
+    is waited for, so the measured time covers draining what queued up."""
+    rng = np.random.default_rng(config.seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * config.seconds * 2) + 10))
+    arrivals = arrivals[arrivals < config.seconds]
+
+    def run() -> tuple[list[float], int, float]:
+        latencies: list[float] = []
+        lock, pending, rejected = threading.Lock(), [], 0
+        start = time.perf_counter()
+        for i, at in enumerate(arrivals):
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            arrived = start + at
+            try:
+                future = scorer.submit(workload.queries[i % len(workload.queries)], workload.gallery, config.k)
+            except QueueFullError:
+                rejected += 1
+                continue
+
+            def done(_, arrived=arrived) -> None:
+                with lock:
+                    latencies.append(time.perf_counter() - arrived)
+
+            future.add_done_callback(done)
+            pending.append(future)
+        for future in pending:
+            future.result()
+        return latencies, rejected, max(time.perf_counter() - start, config.seconds)
+
+    return _measure(scorer, run, {"workload": workload.name, "mode": "open", "rate": rate,
+                                  "max_queue_delay_ms": scorer.batcher_config.max_queue_delay_ms})
+
+
+def run_online(scorer: Scorer, workloads: list[Workload], config: OnlineConfig,
+               advance: Callable[[str], None] = lambda label: None) -> list[dict[str, Any]]:
+    """Closed-loop sweep over clients, open-loop sweep over rates (fractions of the closed
+    loop's best QPS), and a max_queue_delay_ms sweep at the most clients, per workload."""
+    base = BatcherConfig(config.max_batch, config.delays_ms[0] if config.delays_ms else 2.0, config.max_queue)
+    results = []
+    for workload in workloads:
+        scorer.batcher_config = base
+        closed = []
+        for clients in config.clients:
+            advance(f"{workload.name}: {clients} clients")
+            closed.append(closed_loop(scorer, workload, clients, config))
+        results += closed
+        best = max(r["qps"] for r in closed)
+        for fraction in config.load_fractions:
+            advance(f"{workload.name}: {fraction:g} x {best:.1f} req/s")
+            results.append({**open_loop(scorer, workload, max(best * fraction, 0.1), config), "load_fraction": fraction})
+        for delay in config.delays_ms[1:]:
+            scorer.batcher_config = BatcherConfig(config.max_batch, delay, config.max_queue)
+            advance(f"{workload.name}: max_queue_delay_ms {delay:g}")
+            results.append(closed_loop(scorer, workload, max(config.clients), config))
+    scorer.batcher_config = base
+    return results

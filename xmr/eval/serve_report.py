@@ -1,0 +1,117 @@
+"""``xmr serve-bench``'s report: terminal tables and a PNG plot, from the JSON report alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(value: float | None, spec: str = ",.0f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _gib(value: int | None) -> str:
+    return "–" if not value else f"{value / 2**30:.1f}"
+
+
+def offline_table(report: dict[str, Any]) -> Table:
+    matrix, hw = report["matrix"], report["hardware"]
+    table = Table(title=f"Offline: {matrix['images']:,} x {matrix['captions']:,} = {matrix['pairs']:,} pairs, "
+                        f"{report['model']}, {hw['name']} ({hw['kind']})")
+    for column in ("backend", "precision", "pairs/s", "total s", "encode s", "vs authors", "vs torch fp32",
+                   "% of peak", "rsum", "Δ rsum", "rank ρ", "peak GiB"):
+        table.add_column(column, justify="right")
+    authors = report["offline"]["authors"]
+    table.add_row(authors["backend"], "fp32", _num(authors["pairs_per_second"]), _num(authors["score_seconds"]) + "*",
+                  "–", "1.00x", "–", _num(_pct(authors.get("fraction_of_peak")), ".1f"), "–", "–", "–",
+                  _gib(authors["peak_process_bytes"]))
+    skipped = []
+    for row in report["offline"]["rows"]:
+        if "skipped" in row:
+            skipped.append(f"{row['backend']} {row['precision']}: {row['skipped']}")
+            table.add_row(row["backend"], row["precision"], f"[dim]skipped ({len(skipped)})[/dim]", *[""] * 9)
+            continue
+        acc = row["accuracy"]
+        table.add_row(row["backend"], row["precision"], _num(row["pairs_per_second"]),
+                      _num(row["total_seconds"]) + ("*" if row["extrapolated"] else ""), _num(row["encode_seconds"], ".1f"),
+                      _num(row["speedup_vs_authors"], ".1f", "x"), _num(row["speedup_vs_torch_fp32"], ".2f", "x"),
+                      _num(_pct(row["fraction_of_peak"]), ".1f"), _num(acc["rsum"], ".1f"), _num(acc["delta_rsum"], "+.1f"),
+                      _num(acc["rank_agreement"], ".4f"), _gib(row["peak_gpu_bytes"] or row["peak_process_bytes"]))
+    table.caption = "\n".join([
+        "* extrapolated from the pairs timed. rsum on the test split "
+        f"({report['offline']['accuracy_split']['images']} images), Δ and rank ρ against PyTorch fp32.",
+        *(f"({i}) {reason}" for i, reason in enumerate(skipped, 1))])
+    return table
+
+
+def _pct(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
+
+
+def online_table(report: dict[str, Any]) -> Table:
+    online = report["online"]
+    table = Table(title=f"Online: top-k through Scorer.submit ({online['backend']} {online['precision']})")
+    for column in ("workload", "load", "delay ms", "QPS", "p50 ms", "p95 ms", "p99 ms", "queue ms", "batch",
+                   "rejected", "util"):
+        table.add_column(column, justify="right")
+    for r in online["results"]:
+        load = f"{r['clients']} clients" if r["mode"] == "closed" else f"λ {r['rate']:.1f}/s"
+        util = r["gpu_utilisation"] if r["gpu_utilisation"] is not None else r["cpu_utilisation"]
+        table.add_row(r["workload"], load, f"{r['max_queue_delay_ms']:g}", _num(r["qps"], ".1f"), _num(r["p50_ms"], ".1f"),
+                      _num(r["p95_ms"], ".1f"), _num(r["p99_ms"], ".1f"), _num(r["mean_queue_ms"], ".1f"),
+                      _num(r["mean_batch_size"], ".1f"), str(r["rejected"] + r["rejected_at_submit"]),
+                      _num(_pct(util), ".0f", "%"))
+    return table
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    console.print(offline_table(report))
+    console.print(online_table(report))
+
+
+def plot_report(report: dict[str, Any], path: Path) -> Path | None:
+    """Throughput per backend/precision and latency against load; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in report["offline"]["rows"] if "skipped" not in r]
+    authors = report["offline"]["authors"]
+    labels = ["authors' loop\nfp32"] + [f"{r['backend']}\n{r['precision']}" for r in rows]
+    rates = [authors["pairs_per_second"]] + [r["pairs_per_second"] for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    bars = left.bar(range(len(rates)), rates, color=["gray"] + ["tab:blue"] * len(rows))
+    for bar, rate in zip(bars, rates):
+        left.annotate(f"{rate / rates[0]:.1f}x", (bar.get_x() + bar.get_width() / 2, rate), ha="center", va="bottom",
+                      fontsize=8)
+    left.set_xticks(range(len(rates)), labels, fontsize=8)
+    left.set_yscale("log")
+    left.set_ylabel("pairs / s (log)")
+    left.set_title(f"{report['model']}: score matrix throughput (x: over the authors' loop)")
+    base_delay = report["online"]["results"][0]["max_queue_delay_ms"] if report["online"]["results"] else 0
+    colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red"])
+    for workload, marker in (("text->image", "o"), ("image->text", "s")):
+        for mode in ("closed", "open"):
+            points = sorted((r["qps"], r["p50_ms"], r["p99_ms"]) for r in report["online"]["results"]
+                            if r["workload"] == workload and r["mode"] == mode and r["p50_ms"] is not None
+                            and r["max_queue_delay_ms"] == base_delay)
+            color = next(colors)
+            if points:
+                qps, p50, p99 = zip(*points)
+                right.plot(qps, p99, "-", marker=marker, color=color, label=f"{workload}, {mode} loop: p99")
+                right.plot(qps, p50, ":", marker=marker, color=color, alpha=0.6, label=f"{workload}, {mode} loop: p50")
+    right.set_xlabel("achieved requests / s")
+    right.set_ylabel("latency ms")
+    right.set_title(f"latency vs load ({report['online']['backend']} {report['online']['precision']})")
+    right.legend(fontsize=7)
+    figure.suptitle(f"{report['hardware']['name']} — {report['environment']['date'][:10]}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
