@@ -9,6 +9,7 @@ caller's thread, queueing, and the batched scoring.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from xmr.eval.hardware import UtilisationMonitor
 from xmr.runtime import BatcherConfig, QueueFullError, Scorer
 from xmr.runtime.batcher import BatcherStats
 from xmr.runtime.gallery import Gallery
+
+
+SENDERS = 16  # open loop: threads that send arrivals (and encode their queries)
 
 
 @dataclass
@@ -97,39 +101,50 @@ def closed_loop(scorer: Scorer, workload: Workload, clients: int, config: Online
 
 
 def open_loop(scorer: Scorer, workload: Workload, rate: float, config: OnlineConfig) -> dict[str, Any]:
-    """Poisson arrivals at ``rate`` per second for ``config.seconds``; every accepted request
-    is waited for, so the measured time covers draining what queued up."""
+    """Poisson arrivals at ``rate`` per second for ``config.seconds``. Each arrival is sent from
+    a pool of sender threads (as a server's request handlers would), so a slow submit (the
+    query is encoded there) never delays later arrivals; every accepted request is waited for,
+    so the measured time covers draining what queued up."""
     rng = np.random.default_rng(config.seed)
     arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * config.seconds * 2) + 10))
     arrivals = arrivals[arrivals < config.seconds]
 
     def run() -> tuple[list[float], int, float]:
         latencies: list[float] = []
-        lock, pending, rejected = threading.Lock(), [], 0
+        futures: list[concurrent.futures.Future] = []
+        lock, rejected = threading.Lock(), [0]
         start = time.perf_counter()
-        for i, at in enumerate(arrivals):
-            delay = start + at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            arrived = start + at
+
+        def send(i: int, arrived: float) -> None:
             try:
                 future = scorer.submit(workload.queries[i % len(workload.queries)], workload.gallery, config.k)
             except QueueFullError:
-                rejected += 1
-                continue
-
-            def done(_, arrived=arrived) -> None:
                 with lock:
-                    latencies.append(time.perf_counter() - arrived)
+                    rejected[0] += 1
+                return
+            future.add_done_callback(lambda _: _record(latencies, lock, time.perf_counter() - arrived))
+            with lock:
+                futures.append(future)
 
-            future.add_done_callback(done)
-            pending.append(future)
-        for future in pending:
+        with concurrent.futures.ThreadPoolExecutor(SENDERS, thread_name_prefix="xmr-sender") as senders:
+            for i, at in enumerate(arrivals):
+                delay = start + at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                senders.submit(send, i, start + at)
+        for future in futures:
             future.result()
-        return latencies, rejected, max(time.perf_counter() - start, config.seconds)
+        while len(latencies) < len(futures):  # callbacks run just after result() wakes us
+            time.sleep(1e-3)
+        return latencies, rejected[0], max(time.perf_counter() - start, config.seconds)
 
     return _measure(scorer, run, {"workload": workload.name, "mode": "open", "rate": rate,
                                   "max_queue_delay_ms": scorer.batcher_config.max_queue_delay_ms})
+
+
+def _record(latencies: list[float], lock: threading.Lock, latency: float) -> None:
+    with lock:
+        latencies.append(latency)
 
 
 def run_online(scorer: Scorer, workloads: list[Workload], config: OnlineConfig,

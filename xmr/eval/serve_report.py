@@ -54,14 +54,15 @@ def _pct(fraction: float | None) -> float | None:
 def online_table(report: dict[str, Any]) -> Table:
     online = report["online"]
     table = Table(title=f"Online: top-k through Scorer.submit ({online['backend']} {online['precision']})")
-    for column in ("workload", "load", "delay ms", "QPS", "p50 ms", "p95 ms", "p99 ms", "queue ms", "batch",
-                   "rejected", "util"):
+    for column in ("workload", "load", "delay ms", "QPS", "p50 ms", "p95 ms", "p99 ms", "queue ms", "compute ms",
+                   "batch", "rejected", "util"):
         table.add_column(column, justify="right")
     for r in online["results"]:
         load = f"{r['clients']} clients" if r["mode"] == "closed" else f"λ {r['rate']:.1f}/s"
         util = r["gpu_utilisation"] if r["gpu_utilisation"] is not None else r["cpu_utilisation"]
         table.add_row(r["workload"], load, f"{r['max_queue_delay_ms']:g}", _num(r["qps"], ".1f"), _num(r["p50_ms"], ".1f"),
                       _num(r["p95_ms"], ".1f"), _num(r["p99_ms"], ".1f"), _num(r["mean_queue_ms"], ".1f"),
+                      _num(r["mean_compute_ms_per_batch"], ".1f"),
                       _num(r["mean_batch_size"], ".1f"), str(r["rejected"] + r["rejected_at_submit"]),
                       _num(_pct(util), ".0f", "%"))
     return table

@@ -133,3 +133,12 @@ def released_evaluation_flops(config: ModelConfig, regions: int, length: int, n_
         groups = -(-n_images // RELEASED_IMAGES_PER_CALL)
         return n_images * n_captions * cost.per_pair + n_images * cost.per_image + groups * n_captions * cost.per_caption
     return cost.total(n_images, n_captions)
+
+
+def encoder_flops(config: ModelConfig, regions: int, length: int) -> dict[str, int]:
+    """Matmul FLOPs of the encoders, per item: the image encoder's projection of ``regions``
+    features, and the bi-GRU over a caption of ``length`` tokens (3 gates, input and hidden
+    products, both directions); the ``prepare_*`` precomputations are ``ScoringCost.per_*``."""
+    d = config.embed_size
+    gru = 2 * length * 3 * 2 * (config.word_dim * d + d * d)
+    return {"image": 2 * regions * config.img_dim * d, "caption": gru}
