@@ -158,3 +158,15 @@ def test_encoder_flops_match_torchs_flop_counter():
     with FlopCounterMode(display=False) as captions, torch.no_grad():
         model.txt_enc(torch.randint(4, 50, (1, 7)), torch.tensor([7]))
     assert (images.get_total_flops(), captions.get_total_flops()) == (expected["image"], expected["caption"])
+
+
+def test_nothing_runnable_is_a_clear_error(setup, tmp_path):
+    _, artifacts, data = setup
+    config = ServeBenchConfig(model="imram", artifacts=artifacts, data=data, out=tmp_path, backends=("tensorrt",),
+                              device="cpu", test_images=4, offline=OfflineConfig(images=2, seconds=0.01, authors_seconds=0.01))
+    if torch.cuda.is_available():
+        pytest.skip("TensorRT may run here")
+    from xmr.errors import XmrError
+
+    with pytest.raises(XmrError, match="no backend/precision could run here .*tensorrt fp16"):
+        run_serve_bench(config, show_progress=False)

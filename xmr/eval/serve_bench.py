@@ -107,6 +107,9 @@ def run_serve_bench(config: ServeBenchConfig, show_progress: bool = True) -> dic
         offline = run_offline(artifacts, data, inputs, config.offline, hardware, rows, config.device,
                               config.test_images, advance)
         measured = [r for r in offline["rows"] if "skipped" not in r]
+        if not measured:
+            reasons = "; ".join(f"{r['backend']} {r['precision']}: {r['skipped']}" for r in offline["rows"])
+            raise XmrError(f"no backend/precision could run here ({reasons or 'none selected'})")
         best = max(measured, key=lambda r: r["pairs_per_second"])
         with Scorer.load(artifacts, backend=best["backend"], precision=best["precision"], device=config.device) as scorer:
             online = run_online(scorer, workloads(scorer, inputs, config.online), config.online, advance)

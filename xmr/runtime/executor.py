@@ -75,8 +75,12 @@ class _Slot:
         if self.pending is not None:
             self.done.synchronize()
             block = self.pending
-            out[block.rows, block.columns] = self.host[: block.rows.stop - block.rows.start, : len(block.columns)].numpy()
+            out[block.rows, block.columns] = self.staging(block.rows.stop - block.rows.start, len(block.columns)).numpy()
             self.pending = None
+
+    def staging(self, rows: int, columns: int) -> torch.Tensor:
+        """A contiguous ``[rows, columns]`` view of the pinned buffer (one async copy, no host-side gather)."""
+        return self.host.view(-1)[: rows * columns].view(rows, columns)
 
 
 def _run_streams(backend: Backend, images: ImageGallery, texts: TextGallery, plan: Plan, out: np.ndarray,
@@ -96,7 +100,7 @@ def _run_streams(backend: Backend, images: ImageGallery, texts: TextGallery, pla
             lengths = texts.lengths[index].to(device, non_blocking=True)
             image_items = {name: t[block.rows] for name, t in images.items.items()}
             scores = backend.score(image_items, text_items, lengths)
-            slot.host[: scores.size(0), : scores.size(1)].copy_(scores, non_blocking=True)
+            slot.staging(scores.size(0), scores.size(1)).copy_(scores, non_blocking=True)
             slot.done.record(slot.stream)
         slot.pending = block
         advance()
