@@ -67,7 +67,7 @@ class _Slot:
 
     def __init__(self, device: torch.device, rows: int, columns: int) -> None:
         self.stream = torch.cuda.Stream(device)
-        self.host = torch.empty((rows, columns), dtype=torch.float32, pin_memory=True)
+        self.host = torch.empty((rows, columns), dtype=torch.float32, pin_memory=torch.cuda.is_available())
         self.done = torch.cuda.Event()
         self.pending: Block | None = None
 
