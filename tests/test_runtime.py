@@ -428,3 +428,31 @@ def test_the_stream_pipeline_writes_every_block_where_it_belongs(artifacts, test
         out = np.full(expected.shape, np.nan, dtype=np.float32)
         executor._run_streams(scorer._backend, images, texts, plan, out, lambda: None)
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+
+def test_caption_galleries_store_only_real_tokens_and_unpack_to_the_encoders_output(artifacts, test_split):
+    with Scorer.load(artifacts, backend="torch") as scorer:
+        texts = scorer.encode_texts(test_split.captions)
+        model = scorer._backend.model
+        ids, lengths = test_split.caption_batch(range(12))
+        with torch.no_grad():
+            expected = model.prepare_texts(model.encode_texts(ids, lengths), lengths)
+    assert torch.equal(texts.lengths, test_split.caption_batch(range(60))[1])
+    for name, flat in texts.items.items():
+        axes = len(texts.length_axes[name])
+        assert flat.size(0) == int((texts.lengths ** axes).sum())  # no padding stored
+    index = torch.arange(12)
+    block = texts.block(index, int(lengths.max()) + 3, torch.device("cpu"))  # three columns of extra padding
+    for name, tensor in block.items():
+        reference = expected[name.removeprefix("text_")]
+        valid = [slice(None)] + [slice(0, reference.size(1))] * len(texts.length_axes[name])
+        torch.testing.assert_close(tensor[tuple(valid)], reference * _mask(lengths, reference, texts.length_axes[name]))
+        beyond = tensor.clone()
+        beyond[tuple(valid)] = 0
+        assert not beyond.any()  # zeros beyond
+
+
+def _mask(lengths, reference, axes):
+    real = torch.arange(reference.size(1))[None, :] < lengths[:, None]
+    mask = real if len(axes) == 1 else real[:, :, None] & real[:, None, :]
+    return mask.view(*mask.shape, *[1] * (reference.dim() - mask.dim())).to(reference.dtype)

@@ -1,9 +1,12 @@
 """Encoded images and captions, kept where the backend wants them and saved to disk once.
 
-A gallery holds the encoders' outputs (the pair scorer's inputs, ``image_*`` / ``text_*``),
-item index first; caption tensors are padded to the longest caption, with ``lengths``. It
-records the weights and precision that encoded it, so it is never scored by another model.
-On disk: a directory with ``gallery.json`` and one ``.npy`` per tensor, loaded memory-mapped.
+A gallery holds the encoders' outputs (the pair scorer's inputs, ``image_*`` / ``text_*``).
+Image tensors are ``[N, R, ...]``. Caption tensors are packed: only each caption's real
+tokens are stored, end to end, with per-caption ``offsets``; a launch gets its captions
+padded to its own length (``TextGallery.block``), so memory follows the real tokens, not
+N x the longest caption. A gallery records the weights and precision that encoded it, so it
+is never scored by another model. On disk: a directory with ``gallery.json`` and one
+``.npy`` per tensor, loaded memory-mapped.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Gallery:
     precision: str
     lengths: torch.Tensor | None = None  # captions only: tokens per caption (CPU, int64)
     meta: dict = field(default_factory=dict)
+    offsets: dict[int, torch.Tensor] = field(default_factory=dict)  # captions only: see TextGallery
 
     kind = "gallery"
 
@@ -46,14 +50,13 @@ class Gallery:
         if self.device == device:
             return self
         return type(self)({n: t.to(device) for n, t in self.items.items()}, self.identity, self.precision,
-                          self.lengths, dict(self.meta))
+                          self.lengths, dict(self.meta), self.offsets)
 
     def select(self, index: np.ndarray | list[int]) -> Gallery:
         """The items at ``index`` (in that order), as a gallery of the same kind."""
         index = torch.as_tensor(np.asarray(index), dtype=torch.int64)
         items = {n: t.index_select(0, index.to(t.device)) for n, t in self.items.items()}
-        lengths = None if self.lengths is None else self.lengths[index]
-        return type(self)(items, self.identity, self.precision, lengths, dict(self.meta))
+        return type(self)(items, self.identity, self.precision, None, dict(self.meta))
 
     def save(self, path: str | Path) -> Path:
         """Write the gallery to directory ``path`` (replaced atomically if it exists)."""
@@ -64,6 +67,7 @@ class Gallery:
             tensors = dict(self.items)
             if self.lengths is not None:
                 tensors["lengths"] = self.lengths
+            tensors.update({f"offsets_{a}": offsets for a, offsets in self.offsets.items()})
             for name, tensor in tensors.items():
                 np.save(work / f"{name}.npy", tensor.detach().cpu().numpy())
             (work / GALLERY).write_text(json.dumps({
@@ -93,9 +97,10 @@ class Gallery:
                 raise InputError(f"gallery {path} lists {name} but {file.name} is missing")
             tensors[name] = torch.from_numpy(np.load(file, mmap_mode="c" if mmap else None))
         lengths = tensors.pop("lengths", None)
+        offsets = {int(n.removeprefix("offsets_")): tensors.pop(n) for n in list(tensors) if n.startswith("offsets_")}
         meta = {k: v for k, v in header.items() if k not in ("format", "xmr", "kind", "count", "identity",
                                                              "precision", "tensors")}
-        return GALLERY_KINDS[header["kind"]](tensors, header["identity"], header["precision"], lengths, meta)
+        return GALLERY_KINDS[header["kind"]](tensors, header["identity"], header["precision"], lengths, meta, offsets)
 
 
 class ImageGallery(Gallery):
@@ -105,36 +110,84 @@ class ImageGallery(Gallery):
 
 
 class TextGallery(Gallery):
-    """Encoded captions: ``text_*`` tensors padded to the longest caption on every length axis
-    (``meta["length_axes"]``: ``[N, L, D]`` -> [1], CAMP's word x word ``[N, L, L]`` -> [1, 2]),
-    and ``lengths`` ``[N]``."""
+    """Encoded captions, packed: ``items[name]`` holds every caption's real entries end to end
+    (``[Σ L, ...]`` for a ``[N, L, ...]`` tensor, ``[Σ L², ...]`` for CAMP's word x word
+    ``[N, L, L, ...]``); ``offsets[a]`` is where each caption starts in the tensors with ``a``
+    length axes; ``lengths`` its tokens; ``meta["length_axes"]`` the length axes of each tensor
+    in its padded form (``[1]`` or ``[1, 2]``)."""
 
     kind = "texts"
+
+    @classmethod
+    def from_padded(cls, padded: dict[str, torch.Tensor], lengths: torch.Tensor, identity: str, precision: str,
+                    length_axes: dict[str, list[int]]) -> TextGallery:
+        """Pack padded encoder outputs ``[N, L(, L), ...]`` of captions with ``lengths``."""
+        items = {name: tensor[_valid(lengths, tensor.size(1), len(length_axes[name])).to(tensor.device)]
+                 for name, tensor in padded.items()}
+        return cls(items, identity, precision, lengths.cpu(), {"length_axes": length_axes}, _offsets(lengths, length_axes))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
 
     @property
     def length_axes(self) -> dict[str, list[int]]:
         return self.meta["length_axes"]
 
     def block(self, index: torch.Tensor, length: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """The tensors of captions ``index``, cut to ``length`` tokens, on ``device``."""
-        index = index.to(self.device)
-        return {name: cut_length(t, self.length_axes[name], length).index_select(0, index).to(device, non_blocking=True)
-                for name, t in self.items.items()}
+        """The tensors of captions ``index`` padded (with zeros) to ``length`` tokens, on ``device``."""
+        lengths = self.lengths[index]
+        out = {}
+        for name, flat in self.items.items():
+            axes = len(self.length_axes[name])
+            valid = _valid(lengths, length, axes)
+            span = torch.arange(length)
+            offsets = self.offsets[axes][index]
+            if axes == 1:
+                entries = offsets[:, None] + span[None, :]
+            else:
+                entries = offsets[:, None, None] + span[None, :, None] * lengths[:, None, None] + span[None, None, :]
+            entries = torch.where(valid, entries, 0).to(flat.device)
+            padded = flat[entries] * valid.view(*valid.shape, *[1] * (flat.dim() - 1)).to(flat.device, flat.dtype)
+            out[name] = padded.to(device, non_blocking=True)
+        return out
+
+    def select(self, index: np.ndarray | list[int]) -> TextGallery:
+        index = torch.as_tensor(np.asarray(index), dtype=torch.int64)
+        padded = self.block(index, int(self.lengths[index].max()), self.device)
+        return TextGallery.from_padded(padded, self.lengths[index], self.identity, self.precision, self.length_axes)
+
+    def to(self, device: torch.device) -> TextGallery:
+        if self.device == device:
+            return self
+        return TextGallery({n: t.to(device) for n, t in self.items.items()}, self.identity, self.precision,
+                           self.lengths, dict(self.meta), self.offsets)
 
 
-def cut_length(tensor: torch.Tensor, axes: list[int], length: int) -> torch.Tensor:
-    """A view of ``tensor`` with every axis in ``axes`` cut to ``length``."""
-    for axis in axes:
-        tensor = tensor.narrow(axis, 0, length)
-    return tensor
+def concat_texts(galleries: list[TextGallery]) -> TextGallery:
+    """One caption gallery of several, in order (same model and precision)."""
+    first = galleries[0]
+    items = {name: torch.cat([g.items[name] for g in galleries]) for name in first.items}
+    offsets = {}
+    for axes in first.offsets:
+        shift = torch.cumsum(torch.tensor([0] + [int((g.lengths ** axes).sum()) for g in galleries[:-1]]), 0)
+        offsets[axes] = torch.cat([g.offsets[axes] + s for g, s in zip(galleries, shift.tolist())])
+    return TextGallery(items, first.identity, first.precision, torch.cat([g.lengths for g in galleries]),
+                       dict(first.meta), offsets)
 
 
-def pad_length(tensor: torch.Tensor, axes: list[int], length: int) -> torch.Tensor:
-    """``tensor`` zero-padded to ``length`` on every axis in ``axes``."""
-    widths = [0] * (2 * tensor.dim())
-    for axis in axes:
-        widths[2 * (tensor.dim() - 1 - axis) + 1] = length - tensor.size(axis)
-    return torch.nn.functional.pad(tensor, widths) if any(widths) else tensor
+def _valid(lengths: torch.Tensor, length: int, axes: int) -> torch.Tensor:
+    """Bool ``[n, length]`` (``[n, length, length]`` for two length axes): real entries."""
+    real = torch.arange(length)[None, :] < lengths.cpu()[:, None]
+    return real if axes == 1 else real[:, :, None] & real[:, None, :]
+
+
+def _offsets(lengths: torch.Tensor, length_axes: dict[str, list[int]]) -> dict[int, torch.Tensor]:
+    """Where each caption starts in the packed tensors with 1 and 2 length axes."""
+    for name, axes in length_axes.items():
+        if axes not in ([1], [1, 2]):
+            raise ValueError(f"cannot pack {name}: its length axes are {axes}, expected [1] or [1, 2]")
+    lengths = lengths.cpu().long()
+    return {a: torch.cumsum(lengths ** a, 0) - lengths ** a for a in sorted({len(v) for v in length_axes.values()})}
 
 
 GALLERY_KINDS: dict[str, type[Gallery]] = {"images": ImageGallery, "texts": TextGallery}

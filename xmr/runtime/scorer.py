@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -32,7 +32,7 @@ from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends import Backend, Prepared, create_backend
 from xmr.runtime.batcher import BatcherConfig, BatcherStats, DynamicBatcher
 from xmr.runtime.executor import run_plan
-from xmr.runtime.gallery import Gallery, ImageGallery, TextGallery, cut_length, pad_length
+from xmr.runtime.gallery import Gallery, ImageGallery, TextGallery, concat_texts
 from xmr.runtime.inputs import Tokens, as_features, as_tokens, end_token, limit_length, tokenize_captions
 from xmr.runtime.schedule import Plan, plan_blocks
 
@@ -130,17 +130,22 @@ class Scorer:
             return self._own(features)
         config = self.artifacts.config
         array = as_features(features, self.artifacts.regions, config["img_dim"], single=True)
-        return ImageGallery(self._encode(array, None, "encode images", show_progress), self.artifacts.identity,
-                            self.precision)
+        launches = list(self._encode(array, None, torch.arange(array.size(0)), "encode images", show_progress))
+        items = {name: torch.cat([result[name] for _, result in launches]) for name in launches[0][1]}
+        return ImageGallery(items, self.artifacts.identity, self.precision)
 
     def encode_texts(self, captions: Captions, show_progress: bool = False) -> TextGallery:
         """Raw captions (tokenised with the model's vocabulary), or ``(ids, lengths)`` -> a caption gallery."""
         if isinstance(captions, TextGallery):
             return self._own(captions)
         tokens = self._tokens(captions)
-        items = self._encode(tokens.ids, tokens.lengths, "encode captions", show_progress)
-        return TextGallery(items, self.artifacts.identity, self.precision, tokens.lengths.clone(),
-                           {"length_axes": self._length_axes})
+        order = torch.argsort(tokens.lengths, stable=True)  # launches of similar lengths pad little
+        parts = [TextGallery.from_padded(result, tokens.lengths[index], self.artifacts.identity, self.precision,
+                                         self._length_axes)
+                 for index, result in self._encode(tokens.ids, tokens.lengths, order, "encode captions", show_progress)]
+        packed = concat_texts(parts)  # in launch order: put each caption's offsets back in input order
+        offsets = {a: torch.empty_like(o).index_copy_(0, order, o) for a, o in packed.offsets.items()}
+        return TextGallery(packed.items, packed.identity, packed.precision, tokens.lengths.clone(), packed.meta, offsets)
 
     def load_gallery(self, path: str | Path) -> Gallery:
         """A gallery saved with ``gallery.save(path)``, checked against this model, on the backend's device."""
@@ -155,33 +160,25 @@ class Scorer:
             tokens = tokenize_captions(captions, self.vocab)
         return limit_length(tokens, self.max_length, end_token(self.vocab), self.truncate)
 
-    def _encode(self, data: torch.Tensor, lengths: torch.Tensor | None, what: str, show: bool) -> Prepared:
-        """Encoder outputs for every item, in launches of ``ENCODE_BATCH`` (captions sorted by
-        length, each launch cut to its longest), scattered back into input order."""
+    def _encode(self, data: torch.Tensor, lengths: torch.Tensor | None, order: torch.Tensor, what: str,
+                show: bool) -> Iterator[tuple[torch.Tensor, Prepared]]:
+        """(indices, encoder outputs) per launch of ``ENCODE_BATCH`` items taken in ``order``;
+        caption launches are cut to their longest caption."""
         n = data.size(0)
         batch = ENCODE_BATCH.get(self._backend.device.type, ENCODE_BATCH["cpu"])
         limit = self._backend.limits.images if lengths is None else self._backend.limits.captions
         batch = min(batch, limit or batch)
-        order = torch.arange(n) if lengths is None else torch.argsort(lengths, stable=True)
         device = self._backend.device
-        out: Prepared = {}
         with self._lock, progress(show) as bar:
             task = bar.add_task(what, total=n, info="")
             for start in range(0, n, batch):
                 index = order[start : start + batch]
                 if lengths is None:
-                    result = self._backend.encode_images(data[index].to(device))
+                    yield index, self._backend.encode_images(data[index].to(device))
                 else:
                     longest = int(lengths[index].max())
-                    result = self._backend.encode_texts(data[index, :longest].to(device), lengths[index].to(device))
-                for name, tensor in result.items():
-                    if lengths is not None:  # every launch padded to the gallery's longest caption
-                        tensor = pad_length(tensor, self._length_axes[name], data.size(1))
-                    if name not in out:
-                        out[name] = torch.zeros((n, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-                    out[name][index.to(device)] = tensor
+                    yield index, self._backend.encode_texts(data[index, :longest].to(device), lengths[index].to(device))
                 bar.advance(task, len(index))
-        return out
 
     def _own(self, gallery: Gallery) -> Gallery:
         if gallery.identity != self.artifacts.identity:
@@ -364,18 +361,14 @@ def check_pairs(pairs: object, n_images: int, n_captions: int) -> np.ndarray:
 
 
 def _concat(galleries: list[Gallery]) -> Gallery:
-    """One gallery of several (captions padded to the longest)."""
+    """One gallery of several, in order."""
     first = galleries[0]
     if len(galleries) == 1:
         return first
-    if first.lengths is None:
-        items = {n: torch.cat([g.items[n] for g in galleries]) for n in first.items}
-        return type(first)(items, first.identity, first.precision)
-    longest = max(int(g.lengths.max()) for g in galleries)
-    axes = first.meta["length_axes"]
-    items = {n: torch.cat([pad_length(cut_length(g.items[n], axes[n], min(longest, g.items[n].size(1))), axes[n], longest)
-                           for g in galleries]) for n in first.items}
-    return type(first)(items, first.identity, first.precision, torch.cat([g.lengths for g in galleries]), first.meta)
+    if isinstance(first, TextGallery):
+        return concat_texts(galleries)  # type: ignore[arg-type]
+    items = {n: torch.cat([g.items[n] for g in galleries]) for n in first.items}
+    return type(first)(items, first.identity, first.precision)
 
 
 def _batch_key(request: _Search | _Pairs) -> tuple:
