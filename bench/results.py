@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -11,10 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xmr.export.artifacts import tool_versions
+
 
 def write_results(path: Path, rows: list[dict[str, Any]], packages: tuple[str, ...] = ("torch", "onnxruntime")) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        **{name: importlib.metadata.version(name) for name in packages}, "rows": rows}, indent=2) + "\n")
+        **tool_versions(packages), "rows": rows}, indent=2) + "\n")

@@ -231,7 +231,7 @@ def export_command(
     from xmr.export.graphs import LENGTH, N_CAPTIONS, N_IMAGES
     from xmr.export.tensorrt import BuildOptions, ProfileShapes
 
-    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    precisions = _names(precision) or ()
     unknown = set(precisions) - {"fp32", "fp16", "int8"}
     if unknown:
         raise ValueError(f"unknown precision {', '.join(sorted(unknown))}; choose from fp32, fp16, int8")

@@ -20,17 +20,23 @@ IMAGE_BLOCK, CAPTION_BLOCK = 50, 100  # pairs per pair-scorer call: small models
 Arrays = dict[str, np.ndarray]
 
 
+def onnx_sessions(paths: dict[str, Path], threads: int = 0, providers: list | None = None) -> dict:
+    """An ONNX Runtime session per graph, created once; ``threads`` intra-op threads (0: ONNX
+    Runtime's default, all cores); CPU unless ``providers`` says otherwise."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # no notes about unused initializers
+    return {name: ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+            for name, path in paths.items()}
+
+
 class OnnxPipeline:
     """ONNX Runtime sessions for ``image_encoder``, ``text_encoder`` and ``pair_scorer``."""
 
     def __init__(self, paths: dict[str, Path], threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (all cores)
-        options.log_severity_level = 3  # no notes about unused initializers
-        self.sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                         for name, path in paths.items()}
+        self.sessions = onnx_sessions(paths, threads)
         self.image_names = [o.name for o in self.sessions["image_encoder"].get_outputs()]
         self.text_names = [o.name for o in self.sessions["text_encoder"].get_outputs()]
 

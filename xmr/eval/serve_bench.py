@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import platform
 import sys
@@ -21,7 +20,7 @@ from xmr.eval.hardware import hardware_for
 from xmr.eval.offline_bench import CANDIDATES, OfflineConfig, run_offline
 from xmr.eval.online_bench import OnlineConfig, Workload, run_online
 from xmr.eval.workload import accuracy_data, build_default_artifacts, random_inputs
-from xmr.export.artifacts import MANIFEST, export_artifacts, read_manifest
+from xmr.export.artifacts import MANIFEST, export_artifacts, read_manifest, tool_versions
 from xmr.progress import progress
 from xmr.runtime import Scorer
 
@@ -52,12 +51,7 @@ class ServeBenchConfig:
 
 
 def environment() -> dict[str, Any]:
-    versions = {"python": platform.python_version()}
-    for package in ("xmr", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    versions = tool_versions(("xmr", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"))
     return {"command": " ".join(["xmr", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("xmr") else " ".join(sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "platform": platform.platform(), "versions": versions,

@@ -25,7 +25,7 @@ from xmr.errors import ExportError
 from xmr.export.graphs import GRAPHS, GraphSpec, TensorSpec, graph_specs
 from xmr.export.onnx_export import OPSET, TOLERANCES, export_model
 from xmr.export.precision import graph_path
-from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt
+from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt, tensorrt_unavailable
 from xmr.models.checkpoint import file_sha256, load_checkpoint
 
 MANIFEST = "manifest.json"
@@ -34,9 +34,13 @@ MANIFEST_VERSION = 1
 DEFAULT_REGIONS = 36  # bottom-up features; checkpoints trained by xmr record their own
 
 
-def tool_versions() -> dict[str, str]:
+EXPORT_TOOLS = ("xmr", "torch", "onnx", "onnxruntime", "onnxconverter-common")
+
+
+def tool_versions(packages: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
+    """Python's version and those of ``packages`` that are installed."""
     versions = {"python": platform.python_version()}
-    for package in ("xmr", "torch", "onnx", "onnxruntime", "onnxconverter-common"):
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -75,8 +79,7 @@ def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profi
     import torch
 
     trt = load_tensorrt("tensorrt")
-    reason = ("TensorRT is not installed (pip install tensorrt)" if trt is None
-              else "no CUDA GPU is available" if not torch.cuda.is_available() else None)
+    reason = tensorrt_unavailable(trt)
     if reason is not None:
         if required:
             raise ExportError(f"cannot build TensorRT engines: {reason}")

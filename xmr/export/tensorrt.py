@@ -48,6 +48,17 @@ def load_tensorrt(name: str) -> ModuleType | None:
     return trt
 
 
+def tensorrt_unavailable(trt: ModuleType | None) -> str | None:
+    """Why TensorRT engines cannot be built or run here (``trt``: ``load_tensorrt``'s result), or None."""
+    import torch
+
+    if trt is None:
+        return "TensorRT is not installed (pip install tensorrt)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    return None
+
+
 @dataclass
 class BuildOptions:
     workspace_bytes: int = 4 << 30

@@ -13,6 +13,7 @@ import torch
 
 from xmr.errors import BackendUnavailableError
 from xmr.eval.hardware import available_cores
+from xmr.eval.onnx_scoring import onnx_sessions
 from xmr.export.artifacts import manifest_specs
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.runtime.artifacts import Artifacts
@@ -33,7 +34,7 @@ class OnnxRuntimeBackend(GraphBackend):
                  threads: int | None = None) -> None:
         super().__init__(artifacts, precision)
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError as e:
             raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from e
         self.device = torch.device(device or ("cuda" if cuda_provider_available() else "cpu"))
@@ -41,14 +42,10 @@ class OnnxRuntimeBackend(GraphBackend):
             raise BackendUnavailableError("onnxruntime on cuda needs onnxruntime-gpu (CUDAExecutionProvider) and a "
                                           "CUDA GPU; neither is here" if not torch.cuda.is_available() else
                                           "onnxruntime on cuda needs onnxruntime-gpu (no CUDAExecutionProvider)")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or available_cores()
-        options.log_severity_level = 3
         providers = ([("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
                      if self.device.type == "cuda" else ["CPUExecutionProvider"])
-        self.threads = options.intra_op_num_threads
-        self.sessions = {g: ort.InferenceSession(str(artifacts.graph(g, precision)), options, providers=providers)
-                         for g in GRAPHS}
+        self.threads = threads or available_cores()
+        self.sessions = onnx_sessions({g: artifacts.graph(g, precision) for g in GRAPHS}, self.threads, providers)
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
         self.specs = manifest_specs(artifacts.manifest)

@@ -13,7 +13,7 @@ import torch
 
 from xmr.errors import BackendUnavailableError
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
-from xmr.export.tensorrt import load_tensorrt
+from xmr.export.tensorrt import load_tensorrt, tensorrt_unavailable
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import GraphBackend
 from xmr.runtime.schedule import Limits
@@ -22,10 +22,8 @@ from xmr.runtime.schedule import Limits
 def engines_problem(artifacts: Artifacts, precision: str, trt: object | None) -> str | None:
     """Why the artifacts' engines cannot run here for ``precision``, or None if they can."""
     engines = artifacts.manifest.get("engines", {})
-    if trt is None:
-        return "TensorRT is not installed (pip install tensorrt)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available"
+    if (unavailable := tensorrt_unavailable(trt)) is not None:
+        return unavailable
     if not engines.get("built"):
         return f"the artifacts have no TensorRT engines ({engines.get('reason', 'not built')}); re-export on this GPU"
     missing = [g for g in GRAPHS if precision not in engines.get("files", {}).get(g, {})]
