@@ -10,8 +10,8 @@ images x captions matrix through ``Scorer`` with
 2. ``onnxruntime`` with bucketing off (captions in their given order, same block budget):
    padding efficiency (real tokens / computed tokens) and pairs per second.
 
-Caption lengths as ``bench/scoring_cost.py``: normal, mean 12.3 and sd 5 words (about
-Flickr30K's), clipped to [4, 40], plus <start>/<end>.
+Inputs from ``xmr.eval.workload.random_inputs`` (as ``xmr serve-bench``): caption lengths
+normal, mean 12.3 and sd 5 words (about Flickr30K's), clipped to [4, 40], plus <start>/<end>.
 
     python bench/runtime_cpu.py --json docs/results/runtime_cpu.json
 """
@@ -31,6 +31,7 @@ from rich.table import Table
 from results import write_results
 
 from xmr.data.synth import synth_vocabulary
+from xmr.eval.workload import random_inputs
 from xmr.export.artifacts import export_artifacts
 from xmr.models import build_model, make_config
 from xmr.models.checkpoint import save_checkpoint
@@ -52,15 +53,6 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
-def inputs(n_images: int, n_captions: int, vocab_size: int, seed: int = 0) -> tuple[np.ndarray, tuple]:
-    g = np.random.default_rng(seed)
-    features = np.abs(g.standard_normal((n_images, REGIONS, IMG_DIM), dtype=np.float32))
-    lengths = np.clip(np.round(g.standard_normal(n_captions) * 5 + 12.3), 4, 40).astype(np.int64) + 2
-    ids = g.integers(4, vocab_size, (n_captions, int(lengths.max())))
-    ids[np.arange(ids.shape[1])[None, :] >= lengths[:, None]] = 0
-    return features, (ids, lengths)
-
-
 def run_model(name: str, work: Path, n_images: int, n_captions: int, repeats: int) -> list[dict]:
     kind, fields = MODELS[name]
     torch.manual_seed(0)
@@ -70,7 +62,8 @@ def run_model(name: str, work: Path, n_images: int, n_captions: int, repeats: in
     checkpoint = save_checkpoint(model, work / f"{name}.pt", {"regions": REGIONS})
     artifacts = work / name
     export_artifacts(checkpoint, artifacts, ("fp32",), engine=False)
-    features, captions = inputs(n_images, n_captions, len(vocab))
+    data = random_inputs(n_images, n_captions, REGIONS, IMG_DIM, len(vocab))
+    features, captions = data.features, (data.ids, data.lengths)
     rows, reference = [], None
     for backend, bucketed in (("torch", True), ("onnxruntime", True), ("onnxruntime", False)):
         with Scorer.load(artifacts, backend=backend, device="cpu") as scorer:

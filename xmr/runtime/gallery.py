@@ -156,12 +156,6 @@ class TextGallery(Gallery):
         padded = self.block(index, int(self.lengths[index].max()), self.device)
         return TextGallery.from_padded(padded, self.lengths[index], self.identity, self.precision, self.length_axes)
 
-    def to(self, device: torch.device) -> TextGallery:
-        if self.device == device:
-            return self
-        return TextGallery({n: t.to(device) for n, t in self.items.items()}, self.identity, self.precision,
-                           self.lengths, dict(self.meta), self.offsets)
-
 
 def concat_texts(galleries: list[TextGallery]) -> TextGallery:
     """One caption gallery of several, in order (same model and precision)."""

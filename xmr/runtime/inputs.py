@@ -17,7 +17,8 @@ import torch
 
 from xmr.data.tokenize import pad_token_ids, tokenize
 from xmr.data.vocab import END, UNK, Vocabulary
-from xmr.errors import InputError
+from xmr.errors import InputError, ShapeError
+from xmr.models.layers import check_tokens
 
 
 class InputWarning(UserWarning):
@@ -99,19 +100,14 @@ def as_tokens(ids: object, lengths: object, vocab_size: int) -> Tokens:
     """Validated token ids ``[N, L]`` (0-padded, ``<start>``/``<end>`` included) and lengths ``[N]``."""
     ids_t = torch.as_tensor(np.asarray(ids) if not isinstance(ids, torch.Tensor) else ids)
     lengths_t = torch.as_tensor(np.asarray(lengths) if not isinstance(lengths, torch.Tensor) else lengths)
-    if ids_t.dim() != 2 or ids_t.is_floating_point():
-        raise InputError(f"token ids must be integers [n_captions, max_len], got {ids_t.dtype} {list(ids_t.shape)}")
-    if lengths_t.dim() != 1 or lengths_t.numel() != ids_t.size(0) or lengths_t.is_floating_point():
-        raise InputError(f"lengths must be {ids_t.size(0)} integers (one per caption), got {lengths_t.dtype} "
-                         f"{list(lengths_t.shape)}")
-    if ids_t.size(0) == 0:
+    if ids_t.dim() == 2 and ids_t.size(0) == 0:
         raise InputError("no captions given (0 rows)")
-    if int(lengths_t.min()) < 1 or int(lengths_t.max()) > ids_t.size(1):
-        raise InputError(f"lengths must be in [1, {ids_t.size(1)}] (empty captions cannot be scored), got "
-                         f"[{int(lengths_t.min())}, {int(lengths_t.max())}]")
-    if int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab_size:
-        raise InputError(f"token ids must be in [0, {vocab_size}) (the model's vocabulary), got "
-                         f"[{int(ids_t.min())}, {int(ids_t.max())}]")
+    if lengths_t.is_floating_point():
+        raise InputError(f"lengths must be integers (tokens per caption), got {lengths_t.dtype}")
+    try:
+        check_tokens(ids_t, lengths_t, vocab_size)  # the models' own checks: shapes, id and length ranges
+    except ShapeError as e:
+        raise InputError(str(e)) from e
     return Tokens(ids_t.long().contiguous(), lengths_t.long().contiguous())
 
 

@@ -48,8 +48,13 @@ class Plan:
         return padding_efficiency(lengths, self.groups)
 
 
+def computed_tokens(groups: list[CaptionGroup]) -> int:
+    """Caption tokens the launches compute (padding included), per image."""
+    return sum(len(g.index) * g.length for g in groups)
+
+
 def padding_efficiency(lengths: np.ndarray, groups: list[CaptionGroup]) -> float:
-    computed = sum(len(g.index) * g.length for g in groups)
+    computed = computed_tokens(groups)
     return float(np.sum(lengths)) / computed if computed else 1.0
 
 

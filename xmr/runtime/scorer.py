@@ -34,7 +34,7 @@ from xmr.runtime.batcher import BatcherConfig, BatcherStats, DynamicBatcher
 from xmr.runtime.executor import run_plan
 from xmr.runtime.gallery import Gallery, ImageGallery, TextGallery, concat_texts
 from xmr.runtime.inputs import Tokens, as_features, as_tokens, end_token, limit_length, tokenize_captions
-from xmr.runtime.schedule import Plan, plan_blocks
+from xmr.runtime.schedule import Plan, computed_tokens, plan_blocks
 
 log = logging.getLogger("xmr.runtime")
 
@@ -217,7 +217,7 @@ class Scorer:
         self._counters["pairs_scored"] += plan.n_images * len(lengths)
         self._counters["launches"] += plan.launches
         self._counters["real_tokens"] += int(lengths.sum()) * plan.n_images
-        self._counters["computed_tokens"] += sum(len(g.index) * g.length for g in plan.groups) * plan.n_images
+        self._counters["computed_tokens"] += computed_tokens(plan.groups) * plan.n_images
 
     def search(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
         """Top-``k`` gallery items per query: captions against an ``ImageGallery`` (text -> image),
