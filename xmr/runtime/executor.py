@@ -29,9 +29,12 @@ class Block:
     length: int
 
 
+def row_blocks(plan: Plan) -> list[slice]:
+    return [slice(i, min(i + plan.image_block, plan.n_images)) for i in range(0, plan.n_images, plan.image_block)]
+
+
 def blocks(plan: Plan) -> list[Block]:
-    return [Block(slice(i, min(i + plan.image_block, plan.n_images)), group.index, group.length)
-            for group in plan.groups for i in range(0, plan.n_images, plan.image_block)]
+    return [Block(rows, group.index, group.length) for group in plan.groups for rows in row_blocks(plan)]
 
 
 def run_plan(backend: Backend, images: ImageGallery, texts: TextGallery, plan: Plan, out: np.ndarray,
@@ -39,27 +42,15 @@ def run_plan(backend: Backend, images: ImageGallery, texts: TextGallery, plan: P
     """Scores of ``images`` x ``texts`` into ``out`` (float32 ``[Ni, Nt]``), block by block."""
     if backend.device.type == "cuda":
         return _run_streams(backend, images, texts, plan, out, advance)
-    for group_blocks in _by_group(blocks(plan)):
-        first = group_blocks[0]
-        index = torch.from_numpy(first.columns)
-        text_items = texts.block(index, first.length, backend.device)
+    for group in plan.groups:  # a caption group's tensors are gathered once, for all its image blocks
+        index = torch.from_numpy(group.index)
+        text_items = texts.block(index, group.length, backend.device)
         lengths = texts.lengths[index].to(backend.device)
-        for block in group_blocks:
-            image_items = {n: t[block.rows] for n, t in images.items.items()}
-            out[block.rows, block.columns] = backend.score(image_items, text_items, lengths).cpu().numpy()
+        for rows in row_blocks(plan):
+            image_items = {n: t[rows] for n, t in images.items.items()}
+            out[rows, group.index] = backend.score(image_items, text_items, lengths).cpu().numpy()
             advance()
     return out
-
-
-def _by_group(all_blocks: list[Block]) -> list[list[Block]]:
-    """Blocks sharing one caption group, so its tensors are gathered once."""
-    groups: list[list[Block]] = []
-    for block in all_blocks:
-        if groups and groups[-1][0].columns is block.columns:
-            groups[-1].append(block)
-        else:
-            groups.append([block])
-    return groups
 
 
 class _Slot:

