@@ -13,6 +13,31 @@ SHARED_VOCAB = ROOT.parent / "shared" / "vocab"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def run_xmr(*args: object) -> tuple[int, str, str]:
+    """``xmr ARGS`` in this process, through the same entry point as the command: (status, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from xmr.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = run([str(a) for a in args])
+    return status, out.getvalue(), err.getvalue()
+
+
+class CliResult:
+    """What ``xmr ARGS`` did (``invoke``): its exit status and everything it printed."""
+
+    def __init__(self, *args: object) -> None:
+        self.exit_code, self.stdout, self.stderr = run_xmr(*args)
+        self.output = self.stdout + self.stderr
+
+
+def invoke(*args: object) -> CliResult:
+    return CliResult(*args)
+
+
 def shared_vocab_path(name: str) -> Path:
     path = SHARED_VOCAB / f"{name}_precomp_vocab.json"
     if not path.is_file():

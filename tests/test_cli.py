@@ -3,16 +3,8 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from xmr.cli import app
-from conftest import FIXTURES, shared_vocab_path
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
+from conftest import FIXTURES, invoke, shared_vocab_path
 
 
 def test_every_command_has_help():

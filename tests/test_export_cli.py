@@ -5,15 +5,8 @@ import json
 
 import onnx
 import pytest
-from typer.testing import CliRunner
 
-from xmr.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from conftest import invoke
 
 
 def one_line(result) -> str:
@@ -108,5 +101,6 @@ def test_engines_are_built_and_recorded_when_tensorrt_and_a_gpu_are_there(traine
     assert engines["tensorrt"] == rtx.__version__
     for graph, files in engines["files"].items():
         assert set(files) == {"fp32", "fp16"}
-        assert all((tmp_path / name).stat().st_size > 1000 for name in files.values())
+        for entry in files.values():
+            assert (tmp_path / entry["file"]).stat().st_size > 1000 and entry["sha256"] == sha256(tmp_path / entry["file"])
     assert json.loads((tmp_path / "manifest.json").read_text())["engines"] == engines

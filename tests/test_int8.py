@@ -8,7 +8,6 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from typer.testing import CliRunner
 
 import xmr.calibration.calibrate as calibrate_module
 from xmr.calibration.accuracy import accuracy
@@ -16,7 +15,6 @@ from xmr.calibration.calibrate import calibrate_artifacts
 from xmr.calibration.dataset import CalibrationConfig, build_calibration_set
 from xmr.calibration.fallback import Evaluation
 from xmr.calibration.quantize import QUANTIZED_OPS, quantizable_nodes, quantized_nodes
-from xmr.cli import app
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.errors import CalibrationError
 from xmr.eval.metrics import rank_agreement, recall_report, spearman_rows
@@ -25,12 +23,9 @@ from xmr.export.artifacts import export_artifacts
 from xmr.export.graphs import GRAPHS
 from xmr.models import build_model, make_config, save_checkpoint
 
-runner = CliRunner()
+from conftest import invoke
+
 SMALL = CalibrationConfig(images=12, caption_batch=10, pair_images=4)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def one_line(result) -> str:

@@ -45,7 +45,7 @@ def test_missing_files_and_splits(tmp_path):
     vocab = Vocabulary.from_words([])
     with pytest.raises(FileNotFoundError, match="train_ims.npy or train_feat.npy"):
         load_split(tmp_path, "train", vocab)
-    with pytest.raises(ValueError, match="unknown split"):
+    with pytest.raises(DataError, match="unknown split"):
         load_split(tmp_path, "val", vocab)
 
 

@@ -7,12 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from xmr.calibration.accuracy import accuracy
 from xmr.calibration.calibrate import calibrate_artifacts
 from xmr.calibration.dataset import CalibrationConfig
-from xmr.cli import app
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.eval.hardware import cpu_hardware
 from xmr.eval.offline_bench import OfflineConfig
@@ -24,6 +22,8 @@ from xmr.export.artifacts import export_artifacts
 from xmr.models import build_model, make_config
 from xmr.models.checkpoint import save_checkpoint
 from xmr.runtime import Scorer
+
+from conftest import invoke
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,10 @@ def test_cli_runs_and_refuses_a_model_mismatch(setup, tmp_path):
     args = ["serve-bench", "--artifacts", str(artifacts), "--data", str(data), "--out", str(tmp_path), "--images", "4",
             "--seconds", "0.05", "--online-seconds", "0.2", "--gallery", "3", "--backend", "onnxruntime,torch",
             "--precision", "fp32", "--device", "cpu"]
-    result = CliRunner().invoke(app, [*args, "--quick"])
+    result = invoke(*args, "--quick")
     assert result.exit_code == 0, result.output
     assert "Offline" in result.output and (tmp_path / "serve_bench.json").is_file()
-    result = CliRunner().invoke(app, [*args, "--model", "camp"])
+    result = invoke(*args, "--model", "camp")
     assert result.exit_code == 2 and "holds a imram model, not camp" in " ".join(result.output.split())
 
 

@@ -1,17 +1,25 @@
-"""The ``xmr`` command line: thin wrappers over the library, one function per command."""
+"""The ``xmr`` command line: thin wrappers over the library, one function per command.
+
+Errors users cause (``XmrError``, missing files, unwritable outputs, bad options) print one
+line, ``error: ...``, on stderr and exit with status 2; Ctrl-C prints ``interrupted`` and
+exits 130. Anything else is a bug and keeps its traceback (``XMR_DEBUG=1`` shows it for
+user errors too).
+"""
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
 import os
 import sys
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
+from typer._click import exceptions as click_errors
 
 from xmr.errors import XmrError
 from xmr.progress import console
@@ -23,6 +31,10 @@ app.add_typer(data_app, name="data")
 
 # Model sizes: "small" trains on the synthetic set in minutes on a CPU; "paper" is the released size.
 SIZES = {"small": {"embed_size": 64, "word_dim": 64}, "paper": {"embed_size": 1024, "word_dim": 300}}
+# OSErrors a user causes (a path, a full or read-only disk): one line, like XmrError
+USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
+               errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.ELOOP, errno.EXDEV, errno.EFBIG}
+OVERWRITE_HELP = "Replace what is at the output path even if xmr did not write it."
 
 
 class ModelKind(str, Enum):
@@ -47,24 +59,50 @@ class Size(str, Enum):
     paper = "paper"
 
 
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print user-facing errors as one line and exit 2 (set XMR_DEBUG=1 for the traceback)."""
+def one_line(message: object) -> str:
+    """``message`` on one line, whatever it holds (lists, newlines) and however wide the terminal."""
+    return "; ".join(" ".join(part.split()) for part in str(message).splitlines() if part.strip())
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (XmrError, FileNotFoundError, ValueError) as e:
-            if os.environ.get("XMR_DEBUG"):
-                raise
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2) from None
 
-    return wrapper
+def _fail(message: object, status: int = 2) -> int:
+    sys.stderr.write(f"error: {one_line(message)}\n" if status == 2 else f"{one_line(message)}\n")
+    sys.stderr.flush()
+    return status
+
+
+def _os_message(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run ``xmr`` with ``argv`` (without the program name); returns the exit status."""
+    command = typer.main.get_command(app)
+    debug = bool(os.environ.get("XMR_DEBUG"))
+    try:
+        with command.make_context("xmr", list(argv)) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as e:
+        return e.exit_code
+    except click_errors.NoArgsIsHelpError:
+        return 0  # the help was printed
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "xmr"
+        return _fail(f"{where}: {e.format_message()} (see {where} --help)")
+    except (KeyboardInterrupt, typer.Abort):
+        return _fail("interrupted", 130)
+    except (XmrError, FileNotFoundError) as e:
+        if debug:
+            raise
+        return _fail(e)
+    except OSError as e:
+        if debug or e.errno not in USER_ERRNOS:
+            raise
+        return _fail(_os_message(e))
+    return 0
 
 
 @data_app.command("synth")
-@user_errors
 def data_synth(
     out: Path = typer.Option(Path("data/synth"), "--out", "-o", help="Directory to write the dataset to."),
     n_train: int = typer.Option(2000, help="Training images (5 captions each)."),
@@ -77,13 +115,14 @@ def data_synth(
     scale: float = typer.Option(10.0, help="Norm of the region prototypes (real bottom-up features: tens)."),
     seed: int = typer.Option(0, help="Random seed; the same options give the same files."),
     vocab: Optional[Path] = typer.Option(None, help="Write this SCAN vocabulary (e.g. the Flickr30K one) instead of the small built-in one."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Write a synthetic dataset (train/dev/test) where cross-attention matters."""
     from xmr.data import SynthConfig, Vocabulary, write_synthetic
 
     cfg = SynthConfig(n_train=n_train, n_dev=n_dev, n_test=n_test, regions=regions, objects=objects,
                       img_dim=img_dim, noise=noise, scale=scale, seed=seed)
-    write_synthetic(out, cfg, Vocabulary.load(vocab) if vocab else None)
+    write_synthetic(out, cfg, Vocabulary.load(vocab) if vocab else None, overwrite=overwrite)
     console.print(f"wrote synthetic dataset to {out}")
 
 
@@ -94,7 +133,6 @@ def _load_vocab(data: Path, vocab: Optional[Path]):
 
 
 @app.command()
-@user_errors
 def train(
     model: ModelKind = typer.Option(..., "--model", "-m", help="Model to train."),
     data: Path = typer.Option(Path("data/synth"), help="Precomp data directory (train and dev splits)."),
@@ -114,24 +152,27 @@ def train(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     seed: int = typer.Option(0, help="Random seed."),
     max_steps: int = typer.Option(0, help="Stop after this many steps (0: run all epochs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Train CAMP, IMRAM or the dual-encoder baseline; keeps the best dev-rsum checkpoint."""
     from xmr.data import load_split
     from xmr.models import build_model, make_config
-    from xmr.train import TrainConfig, train as run_training
+    from xmr.outputs import check_output_dir
+    from xmr.train import TrainConfig, is_run_directory, train as run_training
 
-    vocabulary = _load_vocab(data, vocab)
-    train_split = load_split(data, "train", vocabulary)
-    dev_split = load_split(data, "dev", vocabulary)
-    dims = {**SIZES[size.value], **({"embed_size": embed_size} if embed_size else {}),
-            **({"word_dim": word_dim} if word_dim else {})}
-    extra = {"mode": mode.value, "steps": steps} if model is ModelKind.imram else {}
-    config = make_config(model.value, vocab_size=len(vocabulary), img_dim=train_split.img_dim, **dims, **extra)
-    net = build_model(config, vocabulary)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, lr_update=lr_update,
                       grad_clip=grad_clip, warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps)
     out = out or Path("runs") / model.value
-    log = run_training(net, train_split, dev_split, cfg, out)
+    check_output_dir(out, is_run_directory, overwrite, "run directory")
+    vocabulary = _load_vocab(data, vocab)
+    train_split = load_split(data, "train", vocabulary)
+    dev_split = load_split(data, "dev", vocabulary)
+    dims = {**SIZES[size.value], **({"embed_size": embed_size} if embed_size is not None else {}),
+            **({"word_dim": word_dim} if word_dim is not None else {})}
+    extra = {"mode": mode.value, "steps": steps} if model is ModelKind.imram else {}
+    config = make_config(model.value, vocab_size=len(vocabulary), img_dim=train_split.img_dim, **dims, **extra)
+    net = build_model(config, vocabulary)
+    log = run_training(net, train_split, dev_split, cfg, out, overwrite=overwrite)
     console.print(f"best dev rsum {log['best_dev_rsum']:.1f}; checkpoint: {out / 'checkpoint.pt'}")
 
 
@@ -145,7 +186,6 @@ def _report_table(title: str, metrics: dict[str, float]) -> Table:
 
 
 @app.command("eval")
-@user_errors
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="xmr checkpoint (from `xmr train` or `xmr import-checkpoint`)."),
     data: Path = typer.Option(Path("data/synth"), help="Precomp data directory."),
@@ -154,37 +194,47 @@ def eval_command(
     vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON [default: the checkpoint's]."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Recall@1/5/10 both ways, rsum, medr and meanr of a checkpoint on a split."""
     from xmr.config import save_json
     from xmr.data import Vocabulary, load_split
-    from xmr.eval import evaluate
+    from xmr.errors import CheckpointError
+    from xmr.eval import EVAL_FORMAT, evaluate, is_eval_json
     from xmr.models import load_checkpoint
+    from xmr.outputs import check_output_file
 
+    if json_out is not None:
+        check_output_file(json_out, is_eval_json, overwrite, "--json")
     net = load_checkpoint(checkpoint, map_location=device)
     vocabulary = Vocabulary.load(vocab) if vocab else net.vocab
     if vocabulary is None:
-        raise ValueError(f"{checkpoint} holds no vocabulary; pass --vocab")
+        raise CheckpointError(f"{checkpoint} holds no vocabulary; pass --vocab")
     result = evaluate(net, load_split(data, split, vocabulary), fold5=fold5)
     console.print(_report_table(f"{net.kind} on {data}/{split}{' (5-fold 1K)' if fold5 else ''}", result.report.to_dict()))
-    if json_out:
-        save_json({"checkpoint": str(checkpoint), "split": split, "fold5": fold5, **result.to_dict()}, json_out)
+    if json_out is not None:
+        save_json({"format": EVAL_FORMAT, "checkpoint": str(checkpoint), "split": split, "fold5": fold5,
+                   **result.to_dict()}, json_out)
 
 
 @app.command("import-checkpoint")
-@user_errors
 def import_checkpoint(
     path: Path = typer.Argument(..., help="Checkpoint saved by the authors' CAMP or IMRAM training code."),
     model: CrossAttentionModel = typer.Option(..., "--model", "-m", help="Which authors' code saved it."),
     vocab: Path = typer.Option(..., help="The SCAN vocabulary JSON it was trained with."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the xmr checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Convert an authors' checkpoint to an xmr checkpoint (no authors' code, easydict or GPU needed)."""
     from xmr.data import Vocabulary
     from xmr.models import save_checkpoint
-    from xmr.models.authors import import_authors_checkpoint
-    from xmr.models.checkpoint import file_sha256
+    from xmr.models.authors import check_output_is_not_input, import_authors_checkpoint
+    from xmr.models.checkpoint import is_checkpoint_file
+    from xmr.outputs import check_output_file
+    from xmr.paths import file_sha256
 
+    check_output_is_not_input(path, out)
+    check_output_file(out, is_checkpoint_file, overwrite, "output checkpoint")
     net = import_authors_checkpoint(path, model.value, Vocabulary.load(vocab))
     metadata = {"imported_from": str(path), "source_sha256": file_sha256(path), **net.authors_metadata}
     save_checkpoint(net, out, metadata)
@@ -206,7 +256,6 @@ def _default_checkpoint(model: str) -> Path:
 
 
 @app.command("export")
-@user_errors
 def export_command(
     model: CrossAttentionModel = typer.Option(..., "--model", "-m", help="Model to export."),
     checkpoint: Optional[Path] = typer.Option(None, help="xmr checkpoint [default: runs/MODEL/checkpoint.pt, "
@@ -224,27 +273,28 @@ def export_command(
     opset: int = typer.Option(18, help="ONNX opset (18 is parsed by TensorRT 10 and 11)."),
     workspace_gib: float = typer.Option(4.0, help="TensorRT builder workspace limit, GiB."),
     optimization_level: int = typer.Option(3, help="TensorRT builder optimisation level (0-5)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Export a CAMP or IMRAM checkpoint to ONNX (image encoder, text encoder, pair scorer),
     check every graph against PyTorch, and build TensorRT engines where possible."""
-    from xmr.export.artifacts import export_artifacts
-    from xmr.export.graphs import LENGTH, N_CAPTIONS, N_IMAGES
+    from xmr.errors import ExportError
+    from xmr.export.artifacts import check_export_options, export_artifacts, is_artifact_directory
     from xmr.export.tensorrt import BuildOptions, ProfileShapes
+    from xmr.outputs import check_output_dir
 
     precisions = _names(precision) or ()
     unknown = set(precisions) - {"fp32", "fp16", "int8"}
     if unknown:
-        raise ValueError(f"unknown precision {', '.join(sorted(unknown))}; choose from fp32, fp16, int8")
-    path = checkpoint or _default_checkpoint(model.value)
+        raise ExportError(f"unknown precision {', '.join(sorted(unknown))}; choose from fp32, fp16, int8")
     out = out or Path("artifacts") / model.value
-    profile = ProfileShapes({N_IMAGES: (1, max(1, max_images // 4), max_images),
-                             N_CAPTIONS: (1, max(1, max_captions // 4), max_captions),
-                             LENGTH: (1, max(1, max_length // 2), max_length)})
-    build = BuildOptions(workspace_bytes=int(workspace_gib * (1 << 30)), optimization_level=optimization_level,
-                         timing_cache=out / "timing.cache")
+    profile = ProfileShapes.up_to(max_images, max_captions, max_length)
+    build = BuildOptions.from_gib(workspace_gib, optimization_level)
+    check_export_options(regions, opset)
+    check_output_dir(out, is_artifact_directory, overwrite, "artifact directory")  # before any training
+    path = checkpoint or _default_checkpoint(model.value)
     with console.status(f"exporting {model.value} from {path}"):
         manifest = export_artifacts(path, out, ("fp32", *(p for p in precisions if p != "int8")), regions, opset,
-                                    engine, profile, build, expected_model=model.value)
+                                    engine, profile, build, expected_model=model.value, overwrite=overwrite)
     for name, graph in manifest["graphs"].items():
         for p, entry in graph["files"].items():
             worst = max(entry["max_abs_diff_vs_torch_fp32"].values())
@@ -256,7 +306,8 @@ def export_command(
         from xmr.calibration.calibrate import DEFAULT_TARGET
         from xmr.calibration.dataset import CalibrationConfig
 
-        run_calibration(out, data, CalibrationConfig(), DEFAULT_TARGET, "dev", 100, "test", False, engine)
+        run_calibration(out, data, CalibrationConfig(), DEFAULT_TARGET, "dev", 100, "test", False, engine,
+                        model.value)
     console.print(f"manifest: {out / 'manifest.json'}")
 
 
@@ -285,11 +336,12 @@ def _print_int8_report(report_dir: Path) -> None:
 
 
 def run_calibration(artifacts: Path, data: Path, config: Any, accuracy_target: float, eval_split: str,
-                    eval_images: int, report_split: str, sensitivity: bool, engine: Optional[bool]) -> dict:
+                    eval_images: int, report_split: str, sensitivity: bool, engine: Optional[bool], model: str) -> dict:
     from xmr.calibration.calibrate import calibrate_artifacts
 
     manifest = calibrate_artifacts(artifacts, data, config, accuracy_target, eval_split, eval_images,
-                                   None if report_split == "none" else report_split, sensitivity, engine)
+                                   None if report_split == "none" else report_split, sensitivity, engine,
+                                   expected_model=model)
     nodes = manifest["int8"]["nodes"]
     for graph, entry in nodes.items():
         console.print(f"{graph:14} int8: {artifacts / manifest['graphs'][graph]['files']['int8']['file']}  "
@@ -299,7 +351,6 @@ def run_calibration(artifacts: Path, data: Path, config: Any, accuracy_target: f
 
 
 @app.command("calibrate")
-@user_errors
 def calibrate_command(
     model: CrossAttentionModel = typer.Option(..., "--model", "-m", help="Model to quantize."),
     artifacts: Optional[Path] = typer.Option(None, help="Artifact directory [default: artifacts/MODEL, exported first if missing]."),
@@ -330,11 +381,11 @@ def calibrate_command(
         app(["export", "--model", model.value, "--out", str(artifacts), "--data", str(data),
              *(["--checkpoint", str(checkpoint)] if checkpoint else [])], standalone_mode=False)
     config = CalibrationConfig(split=split, images=images, method=method.value, percentile=percentile, seed=seed)
-    run_calibration(artifacts, data, config, accuracy_target, eval_split, eval_images, report_split, sensitivity, engine)
+    run_calibration(artifacts, data, config, accuracy_target, eval_split, eval_images, report_split, sensitivity, engine,
+                    model.value)
 
 
 @app.command("serve-bench")
-@user_errors
 def serve_bench_command(
     model: CrossAttentionModel = typer.Option(CrossAttentionModel.imram, "--model", "-m", help="Model to measure."),
     checkpoint: Optional[Path] = typer.Option(None, help="Weights to measure [default: random seeded weights at the "
@@ -352,6 +403,7 @@ def serve_bench_command(
     backend: Optional[str] = typer.Option(None, help="Comma-separated backends to measure [default: all available]."),
     precision: Optional[str] = typer.Option(None, help="Comma-separated precisions to measure [default: all]."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Throughput (full score matrix) and latency under load, per backend and precision, against
     the authors' evaluation loop and our PyTorch model, with each precision's recall."""
@@ -364,12 +416,15 @@ def serve_bench_command(
 
     config = ServeBenchConfig.quick() if quick else ServeBenchConfig()
     gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    offline = dataclasses.replace(config.offline, **{k: v for k, v in (("images", images), ("seconds", seconds)) if v})
+    offline = dataclasses.replace(config.offline, **{k: v for k, v in (("images", images), ("seconds", seconds))
+                                                     if v is not None})
+    if gallery is None and gpu and not quick:
+        gallery = 1000
     online = dataclasses.replace(config.online, **{k: v for k, v in (
-        ("seconds", online_seconds), ("gallery_images", gallery or (1000 if gpu and not quick else None))) if v})
+        ("seconds", online_seconds), ("gallery_images", gallery)) if v is not None})
     config = dataclasses.replace(
         config, model=model.value, checkpoint=checkpoint, artifacts=artifacts, data=data, out=out, device=device,
-        backends=_names(backend), precisions=_names(precision), offline=offline, online=online)
+        backends=_names(backend), precisions=_names(precision), offline=offline, online=online, overwrite=overwrite)
     report = run_serve_bench(config)
     print_report(report, console)
     path = write_report(report, out)
@@ -382,8 +437,8 @@ def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:
 
 
 def main() -> None:
-    app(prog_name="xmr")
+    sys.exit(run(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -46,3 +46,15 @@ class InputError(XmrError, ValueError):
 
 class BackendUnavailableError(XmrError):
     """The backend or precision asked for cannot run here (no GPU, package missing, engine for another GPU)."""
+
+
+class OutputError(XmrError):
+    """An output location cannot be written, or holds something xmr must not replace."""
+
+
+class MissingFileError(XmrError, FileNotFoundError):
+    """A file or directory the user named does not exist (also a ``FileNotFoundError``)."""
+
+
+class TrainingError(XmrError):
+    """Training cannot go on: the data does not fit the run, or the loss diverged."""

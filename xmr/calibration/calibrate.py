@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,16 @@ from xmr.calibration.report import precision_rows, write_report
 from xmr.data import Vocabulary, load_split
 from xmr.errors import CalibrationError
 from xmr.eval.onnx_scoring import OnnxPipeline, score_split
-from xmr.export.artifacts import build_engines, install_artifacts, manifest_specs, read_manifest
+from xmr.export.artifacts import (
+    ARTIFACT_EXTRAS, TIMING_CACHE, build_engines, copy_timing_cache, install, manifest_specs, read_manifest,
+)
 from xmr.export.graphs import GRAPHS
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes
-from xmr.models.checkpoint import file_sha256
+from xmr.outputs import check_output_dir, staged_directory
+from xmr.paths import file_sha256
 from xmr.progress import console
+from xmr.runtime.artifacts import Artifacts
 
 RANGES_DIR = "calibration"
 CALIBRATION_SET = "calibration_set.json"
@@ -66,51 +69,59 @@ def _load(data: Path, split: str, vocab: Vocabulary, purpose: str):
 def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig | None = None,
                         accuracy_target: float = DEFAULT_TARGET, eval_split: str = "dev", eval_images: int = 100,
                         report_split: str | None = "test", measure_sensitivity: bool = False,
-                        engine: bool | None = None, show_progress: bool = True) -> dict[str, Any]:
+                        engine: bool | None = None, show_progress: bool = True,
+                        expected_model: str | None = None) -> dict[str, Any]:
     """Add INT8 graphs to the artifact directory ``artifacts`` (an ``xmr export`` output);
-    returns the updated manifest. ``report_split=None`` skips the report (and never reads it)."""
+    returns the updated manifest. ``report_split=None`` skips the report (and never reads it).
+    The directory is replaced as a whole when everything succeeded (a kill leaves the old one)."""
     config = config or CalibrationConfig()
     config.validate()
     if not 0 < accuracy_target <= 1:
         raise CalibrationError(f"--accuracy-target must be in (0, 1] (a fraction of fp32), got {accuracy_target}")
-    manifest = read_manifest(artifacts)
-    if manifest["vocab"] is None:
+    if eval_images < 1:
+        raise CalibrationError(f"--eval-images must be at least 1, got {eval_images}")
+    opened = Artifacts.open(artifacts)  # every file it lists is confined and checked against its sha256
+    manifest = opened.manifest
+    if expected_model is not None and opened.kind != expected_model:
+        raise CalibrationError(f"{artifacts} holds {opened.kind} artifacts, not {expected_model}; "
+                               f"pass --model {opened.kind}")
+    check_output_dir(artifacts, lambda _: True, False, "artifact directory")
+    if opened.vocab is None:
         raise CalibrationError(f"{artifacts} has no vocabulary (the checkpoint had none): re-export from a checkpoint with one")
-    vocab = Vocabulary.load(artifacts / manifest["vocab"]["file"])
-    fp32 = {g: artifacts / manifest["graphs"][g]["files"]["fp32"]["file"] for g in GRAPHS}
+    vocab = opened.vocab
+    fp32 = {g: opened.graph(g, "fp32") for g in GRAPHS}
     split = _load(data, config.split, vocab, "calibration")
     check_split(split, config.split, manifest["config"]["img_dim"], manifest["regions"])
     evaluation_split = _load(data, eval_split, vocab, "evaluation")
     check_split(evaluation_split, eval_split, manifest["config"]["img_dim"], manifest["regions"])
     report_data = None if report_split is None else _load(data, report_split, vocab, "report")  # fail before the work
+    variants = {p: {g: opened.graph(g, p) for g in GRAPHS} for p in ("fp32", "fp16") if p in opened.precisions()}
     reference_pipeline = OnnxPipeline(fp32)
     with console.status(f"calibration set: {config.images} {config.split} images"):
         calibration = build_calibration_set(split, reference_pipeline, config)
-    work = Path(tempfile.mkdtemp(dir=artifacts, prefix=".int8-"))
-    try:
-        ranges = work / RANGES_DIR
-        ranges.mkdir()
+    with staged_directory(artifacts) as work:
+        scratch = work / ".int8-work"
+        ranges = scratch / RANGES_DIR
+        ranges.mkdir(parents=True)
         reused = _reuse_ranges(artifacts, ranges, calibration.sha256, config.method)
         reference = score_split(reference_pipeline, evaluation_split, eval_images)
         evaluate = Evaluation(evaluation_split, eval_images, reference)
         quantizer = Quantizer(fp32, calibration, config, ranges)
         with console.status(f"quantizing ({config.method}) and checking accuracy on {eval_split}"):
-            result = choose_fallback(quantizer, evaluate, accuracy_target, work / "candidates", measure_sensitivity)
-        final = quantizer.build(work / "final", result.exclude)
+            result = choose_fallback(quantizer, evaluate, accuracy_target, scratch / "candidates", measure_sensitivity)
+        final = quantizer.build(scratch / "final", result.exclude)
         for graph, path in final.items():  # a graph without matmuls: its int8 file is the fp32 graph
             if path == fp32[graph]:
-                final[graph] = Path(shutil.copy2(path, graph_path(work / "final", graph, "int8")))
+                final[graph] = Path(shutil.copy2(path, graph_path(scratch / "final", graph, "int8")))
         (ranges / CALIBRATION_SET).write_text(json.dumps({"sha256": calibration.sha256, "config": asdict(config),
                                                           **calibration.summary()}, indent=2) + "\n")
         int8 = _int8_section(config, calibration, result, quantizer, final, accuracy_target, eval_split,
                              eval_images, reused)
         report = None
         if report_split is not None:
-            report = _report(artifacts, manifest, final, result, quantizer, work, int8, report_data, report_split,
+            report = _report(variants, manifest, final, result, quantizer, scratch, int8, report_data, report_split,
                              accuracy_target, show_progress)
-        _install(artifacts, manifest, work, final, int8, report, engine)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _install(artifacts, manifest, work, scratch, final, int8, report, engine)
     return read_manifest(artifacts)
 
 
@@ -132,10 +143,8 @@ def _int8_section(config, calibration, result, quantizer, final, target, eval_sp
     }
 
 
-def _report(artifacts, manifest, final, result, quantizer, work, int8, split, split_name, target, show_progress) -> dict:
-    variants = {p: {g: artifacts / manifest["graphs"][g]["files"][p]["file"] for g in GRAPHS}
-                for p in ("fp32", "fp16") if p in manifest["graphs"]["pair_scorer"]["files"]}
-    variants["int8"] = final
+def _report(variants, manifest, final, result, quantizer, work, int8, split, split_name, target, show_progress) -> dict:
+    variants = {**variants, "int8": final}
     if result.exclude:
         variants["int8 (no fallback)"] = quantizer.build(work / "candidates" / "full")
     rows = precision_rows(variants, split, show_progress)
@@ -161,7 +170,7 @@ def _int8_engines(staged: Path, artifacts: Path, manifest: dict[str, Any], engin
         return previous
     options = BuildOptions(workspace_bytes=previous.get("workspace_bytes", BuildOptions.workspace_bytes),
                            optimization_level=previous.get("builder_optimization_level", BuildOptions.optimization_level),
-                           timing_cache=artifacts / "timing.cache")
+                           timing_cache=staged / TIMING_CACHE)
     profile = ProfileShapes({axis: tuple(sizes) for axis, sizes in manifest["profile"].items()})
     built = build_engines(staged, manifest_specs(manifest), ("int8",), profile, options, required=bool(engine))
     if not built["built"]:
@@ -172,21 +181,25 @@ def _int8_engines(staged: Path, artifacts: Path, manifest: dict[str, Any], engin
     return {**built, "files": files}
 
 
-def _install(artifacts: Path, manifest: dict[str, Any], work: Path, final: dict[str, Path], int8: dict[str, Any],
-             report: dict[str, Any] | None, engine: bool | None) -> None:
-    """Move the INT8 graphs, range cache and report into ``artifacts``; manifest last."""
-    staged = work / "staged"
-    staged.mkdir()
+def _install(artifacts: Path, manifest: dict[str, Any], work: Path, scratch: Path, final: dict[str, Path],
+             int8: dict[str, Any], report: dict[str, Any] | None, engine: bool | None) -> None:
+    """Complete the new artifact directory ``work``: the INT8 graphs (and engines), the range
+    cache, the report and every other entry of ``artifacts`` as it is; manifest last."""
     for graph, path in final.items():
         name = graph_path(artifacts, graph, "int8").name
         manifest["graphs"][graph]["files"]["int8"] = {
             "file": name, "sha256": file_sha256(path), "precision": "int8",
             "quantized_nodes": len(int8["nodes"][graph]["quantized"]),
             "fallback_nodes": len(int8["nodes"][graph]["fallback"])}
-        shutil.move(str(path), str(staged / name))
+        shutil.move(str(path), str(work / name))
+    copy_timing_cache(artifacts, work)
+    previous_engines = manifest["engines"]
     manifest["int8"] = int8
-    manifest["engines"] = _int8_engines(staged, artifacts, manifest, engine)
+    manifest["engines"] = _int8_engines(work, artifacts, manifest, engine)
     if report is not None:
-        write_report(report, staged)
-    shutil.move(str(work / RANGES_DIR), str(staged / RANGES_DIR))
-    install_artifacts(artifacts, staged, manifest)
+        write_report(report, work)
+    shutil.move(str(scratch / RANGES_DIR), str(work / RANGES_DIR))
+    shutil.rmtree(scratch)
+    int8_engines = {f["int8"]["file"] for f in previous_engines.get("files", {}).values() if "int8" in f}
+    replaced = {p.name for p in work.iterdir()} | set(ARTIFACT_EXTRAS) | int8_engines
+    install(artifacts, work, manifest, replaced)

@@ -17,14 +17,17 @@ them. Everything is drawn from one seeded generator, so a config gives the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from xmr.config import config_to_dict, save_json
+from xmr.config import check_float, check_int, check_memory, config_to_dict, format_bytes, save_json
 from xmr.data.vocab import Vocabulary
-from xmr.errors import VocabError
+from xmr.errors import ConfigError, OutputError, VocabError
+from xmr.outputs import check_output_dir, staged_directory
 
 NOUNS = (
     "dog cat car horse bird boat truck bus umbrella bag guitar bench bicycle table lamp "
@@ -53,9 +56,16 @@ def synthetic_words() -> list[str]:
     return sorted(words)
 
 
+CAPTION_BYTES = 120  # memory of one caption string in the list a split is built in (~45 bytes on disk)
+SYNTH_MAX_BYTES = 1 << 40  # a synthetic dataset larger than 1 TiB is a typo, whatever the machine
+CONFIG_FILE = "synth_config.json"
+
+
 @dataclass
 class SynthConfig:
-    """Shape and difficulty of a synthetic dataset."""
+    """Shape and difficulty of a synthetic dataset. Every field is checked on construction
+    (``ConfigError`` naming the field and its valid range), and so is the memory the largest
+    split needs (a split is built in memory before it is written)."""
 
     VERSION = 1
 
@@ -72,15 +82,43 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.objects <= min(len(COLORS), len(NOUNS)):
-            raise ValueError(f"objects must be in 1..{len(COLORS)}, got {self.objects}")
-        if self.regions < self.objects:
-            raise ValueError(f"regions ({self.regions}) must be >= objects ({self.objects})")
+        owner = type(self).__name__
+        check_int(owner, "objects", self.objects, 1, min(len(COLORS), len(NOUNS)))
+        if check_int(owner, "regions", self.regions, 1) < self.objects:
+            raise ConfigError(f"{owner}: regions ({self.regions}) must be >= objects ({self.objects}): "
+                              "each object is a region")
         for name in ("n_train", "n_dev", "n_test"):
-            if getattr(self, name) < 2 or getattr(self, name) % 2:
-                raise ValueError(f"{name} must be an even number >= 2 (images come in twins), got {getattr(self, name)}")
-        if self.captions_per_image < 1 or self.img_dim < 1 or self.noise < 0 or self.scale <= 0:
-            raise ValueError("captions_per_image, img_dim and scale must be positive, noise >= 0")
+            if check_int(owner, name, getattr(self, name), 2) % 2:
+                raise ConfigError(f"{owner}: {name} must be an even integer >= 2 (images come in twins), "
+                                  f"got {getattr(self, name)}")
+        for name in ("captions_per_image", "img_dim", "clutter_types"):
+            check_int(owner, name, getattr(self, name), 1)
+        check_int(owner, "seed", self.seed, 0)
+        check_float(owner, "noise", self.noise, 0.0)
+        check_float(owner, "scale", self.scale, 0.0, above=True)
+        hint = "lower the image counts, regions or img_dim"
+        check_memory(owner, f"the largest split ({max(self.split_sizes().values())} images x {self.regions} "
+                            f"regions x {self.img_dim} floats)", self.memory_bytes(), hint)
+        if self.disk_bytes() > SYNTH_MAX_BYTES:
+            raise ConfigError(f"{owner}: the dataset would take about {format_bytes(self.disk_bytes())} of disk, "
+                              f"more than the {format_bytes(SYNTH_MAX_BYTES)} a synthetic dataset may take; {hint}")
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split."""
+        return {"train": self.n_train, "dev": self.n_dev, "test": self.n_test}
+
+    def memory_bytes(self) -> int:
+        """Peak memory of ``write_synthetic``: the largest split's float32 features and
+        captions, one image being drawn (float64) and the prototypes."""
+        largest = max(self.split_sizes().values())
+        per_image = self.regions * self.img_dim * 4 + self.captions_per_image * CAPTION_BYTES
+        drawing = 4 * self.regions * self.img_dim * 8 + (len(NOUNS) + len(COLORS) + self.clutter_types) * self.img_dim * 8
+        return largest * per_image + drawing
+
+    def disk_bytes(self) -> int:
+        """Size of the written dataset (features, captions at ~45 bytes, vocabulary), about."""
+        images = sum(self.split_sizes().values())
+        return images * (self.regions * self.img_dim * 4 + self.captions_per_image * 45) + (1 << 20)
 
 
 @dataclass
@@ -148,21 +186,51 @@ def synth_vocabulary(base: Vocabulary | None = None) -> Vocabulary:
     return base
 
 
-def write_synthetic(out_dir: str | Path, cfg: SynthConfig | None = None, vocab: Vocabulary | None = None) -> Path:
-    """Write ``{train,dev,test}_ims.npy``, ``*_caps.txt``, ``vocab.json`` and ``synth_config.json``."""
+def is_synthetic_dataset(path: Path) -> bool:
+    """True when ``path`` holds a ``synth_config.json`` that ``write_synthetic`` of this xmr wrote."""
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    names = {f.name for f in fields(SynthConfig)} | {"version"}
+    return isinstance(data, dict) and data.get("version") == SynthConfig.VERSION and set(data) == names
+
+
+def check_disk_space(out: Path, nbytes: int, what: str) -> None:
+    """``OutputError`` when the file system that will hold ``out`` has less than ``nbytes`` free."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if nbytes > free:
+        raise OutputError(f"{what} {out}: No space left on {existing} for about {format_bytes(nbytes)} (only "
+                          f"{format_bytes(free)} free); lower the sizes or choose another location")
+
+
+def write_synthetic(out_dir: str | Path, cfg: SynthConfig | None = None, vocab: Vocabulary | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write ``{train,dev,test}_ims.npy``, ``*_caps.txt``, ``vocab.json`` and ``synth_config.json``.
+
+    The dataset is built in a directory beside ``out_dir`` and swapped in when complete, so an
+    interrupted run (Ctrl-C, kill) leaves what was there before. An existing ``out_dir`` is
+    replaced only if it is empty or an xmr synthetic dataset, unless ``overwrite``
+    (``OutputError`` otherwise, and when the disk lacks the space)."""
     cfg = cfg or SynthConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    what = "synthetic dataset directory"
+    check_output_dir(out, is_synthetic_dataset, overwrite, what)
+    check_disk_space(out, cfg.disk_bytes(), what)
+    vocabulary = synth_vocabulary(vocab)
     rng = np.random.default_rng(cfg.seed)
     protos = _Prototypes(
         noun=_unit_rows(rng, len(NOUNS), cfg.img_dim),
         color=_unit_rows(rng, len(COLORS), cfg.img_dim),
         clutter=_unit_rows(rng, cfg.clutter_types, cfg.img_dim),
     )
-    for split, n in (("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)):
-        feats, captions = generate_split(cfg, protos, n, rng)
-        np.save(out / f"{split}_ims.npy", feats)
-        (out / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
-    synth_vocabulary(vocab).save(out / "vocab.json")
-    save_json(config_to_dict(cfg), out / "synth_config.json")
+    with staged_directory(out) as staged:
+        for split, n in cfg.split_sizes().items():
+            feats, captions = generate_split(cfg, protos, n, rng)
+            np.save(staged / f"{split}_ims.npy", feats)
+            (staged / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+            del feats, captions
+        vocabulary.save(staged / "vocab.json")
+        save_json(config_to_dict(cfg), staged / CONFIG_FILE)
     return out

@@ -15,12 +15,15 @@ import torch
 from nltk.tokenize import word_tokenize
 
 from xmr.data.vocab import Vocabulary
+from xmr.errors import DataError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def tokenize(caption: str) -> list[str]:
     """Lower-cased word tokens of one caption (no ``<start>``/``<end>``)."""
+    if not isinstance(caption, str):
+        raise DataError(f"a caption must be a string, got {type(caption).__name__} {caption!r}"[:300])
     text = caption.strip().lower()
     return [tok for sentence in _SENTENCE_END.split(text) if sentence for tok in word_tokenize(sentence, preserve_line=True)]
 

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from xmr.data.files import read_text
 from xmr.errors import VocabError
+from xmr.outputs import write_text
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3 in every SCAN vocabulary
+MAX_FILE_BYTES = 256 << 20  # the released vocabularies are < 1 MB; a larger file is a wrong path
 
 
 @dataclass(frozen=True)
@@ -26,9 +29,17 @@ class Vocabulary:
                 raise VocabError(
                     f"vocabulary must map {token!r} to {expected_id}, got {self.word2idx.get(token)!r}"
                 )
-        ids = sorted(self.word2idx.values())
-        if ids != list(range(len(ids))):
-            raise VocabError("vocabulary ids must be exactly 0..N-1 without gaps or repeats")
+        seen: dict[int, str] = {}
+        size = len(self.word2idx)
+        for word, i in self.word2idx.items():
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise VocabError(f"vocabulary id of {word!r} must be an integer, got {i!r}"[:300])
+            if not 0 <= i < size:
+                raise VocabError(f"vocabulary id {i} of {word!r} is outside 0..{size - 1} "
+                                 f"(ids must be exactly 0..N-1 for N={size} words)"[:300])
+            if i in seen:
+                raise VocabError(f"vocabulary id {i} is given to both {seen[i]!r} and {word!r}"[:300])
+            seen[i] = word
 
     def __len__(self) -> int:
         return len(self.word2idx)
@@ -64,14 +75,15 @@ class Vocabulary:
         return hashlib.sha256(blob).hexdigest()
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Vocabulary":
+    def from_dict(cls, data: object) -> "Vocabulary":
+        """A vocabulary from SCAN's JSON object; ``word2idx`` must map strings to integer ids."""
         if not isinstance(data, dict) or "word2idx" not in data:
-            raise VocabError("vocabulary JSON must be an object with a 'word2idx' mapping (SCAN format)")
-        try:
-            word2idx = {str(w): int(i) for w, i in data["word2idx"].items()}
-        except (TypeError, ValueError, AttributeError) as e:
-            raise VocabError(f"vocabulary 'word2idx' must map words to integer ids: {e}") from e
-        return cls(word2idx)
+            kind = "an object without 'word2idx'" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+            raise VocabError(f"vocabulary JSON must be an object with a 'word2idx' mapping (SCAN format), got {kind}")
+        word2idx = data["word2idx"]
+        if not isinstance(word2idx, dict):
+            raise VocabError(f"vocabulary 'word2idx' must map words to integer ids, got a {type(word2idx).__name__}")
+        return cls({str(w): i for w, i in word2idx.items()})
 
     @classmethod
     def from_words(cls, words: Iterable[str]) -> "Vocabulary":
@@ -83,12 +95,13 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
+        """Read a SCAN vocabulary JSON; every problem is a one-line ``VocabError`` naming ``path``
+        (``MissingFileError`` when there is no file)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"vocabulary file not found: {path}")
+        text = read_text(path, "vocabulary file", VocabError, MAX_FILE_BYTES)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so are over-long ints
             raise VocabError(f"{path}: not valid JSON ({e})") from e
         try:
             return cls.from_dict(data)
@@ -96,6 +109,5 @@ class Vocabulary:
             raise VocabError(f"{path}: {e}") from e
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict()))
+        """Write SCAN's JSON format to ``path`` atomically."""
+        write_text(Path(path), json.dumps(self.to_dict()))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,21 @@ from xmr.errors import ShapeError
 from xmr.eval.metrics import RecallReport, mean_report, recall_report
 from xmr.eval.scoring import EncodedSplit, encode_split, score_matrix
 from xmr.models.base import RetrievalModel
+
+
+EVAL_FORMAT = "xmr-eval"  # "format" of the JSON `xmr eval --json` writes
+
+
+def is_eval_json(path: Path) -> bool:
+    """True when ``path`` is metrics JSON ``xmr eval --json`` wrote (with ``format``, or an
+    older file with its keys), so it may be replaced."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    return data.get("format") == EVAL_FORMAT or {"checkpoint", "split", "fold5", "metrics"} <= set(data)
 
 
 @dataclass
@@ -31,13 +48,15 @@ def evaluate(model: RetrievalModel, split: PrecompSplit, fold5: bool = False, sh
     """Score every (image, caption) pair of ``split`` and compute R@1/5/10, medr, meanr, rsum.
 
     ``fold5`` is COCO's 1K protocol: the mean over 5 folds of 1000 images, each scored
-    against its own 5000 captions only."""
+    against its own 5000 captions only. A split whose features or vocabulary do not fit the
+    model is refused first (``DataError``/``VocabError``); so are NaN scores (``ShapeError``)."""
+    split.check_fits(model.config)
+    if fold5 and split.n_images % 5:
+        raise ShapeError(f"--fold5 needs a number of images divisible by 5, got {split.n_images}")
     encoded = encode_split(model, split, show_progress=show_progress)
     if not fold5:
         scores = score_matrix(model, encoded, show_progress=show_progress)
         return EvalResult(recall_report(scores, split.per_image), [], scores)
-    if split.n_images % 5:
-        raise ShapeError(f"--fold5 needs a number of images divisible by 5, got {split.n_images}")
     size, per = split.n_images // 5, split.per_image
     folds = []
     for f in range(5):

@@ -52,11 +52,23 @@ def text_to_image_ranks(scores: np.ndarray, per_image: int) -> np.ndarray:
     return np.argmax(order == truth[:, None], axis=1)
 
 
+def check_finite_scores(scores: np.ndarray) -> None:
+    """``ShapeError`` when a score matrix holds NaN or Inf: ranking them would give a silently
+    wrong recall (NaN sorts last), so the first bad pair is named instead."""
+    finite = np.isfinite(scores)
+    if not finite.all():
+        image, caption = (int(i) for i in np.argwhere(~finite)[0])
+        raise ShapeError(f"scores contain NaN or Inf ({int(finite.size - finite.sum())} of {finite.size} pairs; first: "
+                         f"image {image}, caption {caption} = {scores[image, caption]}); the model's weights or "
+                         "inputs are not finite, or its computation overflowed (fp16?)")
+
+
 def recall_report(scores: np.ndarray, per_image: int = 5) -> RecallReport:
     """Metrics of a score matrix ``[N_images, N_images * per_image]`` (rows images)."""
     scores = np.asarray(scores)
     if scores.ndim != 2 or scores.shape[1] != scores.shape[0] * per_image:
         raise ShapeError(f"score matrix must be [N, N*{per_image}] (rows images), got {list(scores.shape)}")
+    check_finite_scores(scores)
     i2t = image_to_text_ranks(scores, per_image)
     t2i = text_to_image_ranks(scores, per_image)
     return RecallReport(

@@ -22,6 +22,7 @@ import torch
 from xmr.calibration.accuracy import accuracy, mean_rank_agreement
 from xmr.data import load_split
 from xmr.data.precomp import PrecompSplit
+from xmr.config import check_float, check_int
 from xmr.errors import XmrError
 from xmr.eval.hardware import Hardware, UtilisationMonitor
 from xmr.eval.workload import Inputs
@@ -44,6 +45,12 @@ class OfflineConfig:
     encode_captions: int = 500  # captions encoded (timed) and cycled through while scoring
     authors_seconds: float = 10.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("images", "captions_per_image", "encode_captions"):
+            check_int("serve-bench", name, getattr(self, name))
+        for name in ("seconds", "authors_seconds"):
+            check_float("serve-bench", name, getattr(self, name), 0.0, above=True)
 
     @property
     def captions(self) -> int:

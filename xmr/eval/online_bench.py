@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xmr.config import check_float, check_int
+from xmr.errors import ConfigError
 from xmr.eval.hardware import UtilisationMonitor
 from xmr.runtime import BatcherConfig, QueueFullError, Scorer
 from xmr.runtime.batcher import BatcherStats
@@ -37,6 +39,14 @@ class OnlineConfig:
     max_batch: int = 64
     max_queue: int = 256
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("gallery_images", "k", "max_batch", "max_queue"):
+            check_int("serve-bench", name, getattr(self, name))
+        check_float("serve-bench", "seconds", self.seconds, 0.0, above=True)
+        if not self.clients or min(self.clients) < 1 or not self.load_fractions or min(self.load_fractions) <= 0 \
+                or not self.delays_ms or min(self.delays_ms) < 0:
+            raise ConfigError("online settings need clients >= 1, load fractions > 0 and queue delays >= 0")
 
 
 @dataclass

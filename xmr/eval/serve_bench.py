@@ -15,16 +15,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from xmr.errors import XmrError
+from xmr.config import check_int
+from xmr.errors import ConfigError, XmrError
 from xmr.eval.hardware import hardware_for
 from xmr.eval.offline_bench import CANDIDATES, OfflineConfig, run_offline
 from xmr.eval.online_bench import OnlineConfig, Workload, run_online
 from xmr.eval.workload import accuracy_data, build_default_artifacts, random_inputs
 from xmr.export.artifacts import MANIFEST, export_artifacts, read_manifest, tool_versions
+from xmr.device import resolve_device
+from xmr.outputs import check_output_dir, write_text
 from xmr.progress import progress
 from xmr.runtime import Scorer
 
 REPORT, PLOT = "serve_bench.json", "serve_bench.png"
+FORMAT = "xmr-serve-bench"
+MODELS = ("imram", "camp")
+
+
+def is_serve_bench_output(directory: Path) -> bool:
+    """A directory ``xmr serve-bench`` wrote: its report, plot and the artifacts it built."""
+    names = {p.name for p in directory.iterdir()}
+    if not names <= {REPORT, PLOT, "artifacts"}:
+        return False
+    if REPORT not in names:
+        return True
+    try:
+        return json.loads((directory / REPORT).read_text()).get("format") == FORMAT
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 @dataclass
@@ -40,6 +58,20 @@ class ServeBenchConfig:
     test_images: int = 40
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    overwrite: bool = False  # replace ``out`` even if it is not a serve-bench output
+
+    def __post_init__(self) -> None:
+        check_int("serve-bench", "test_images", self.test_images)
+        if self.model not in MODELS:
+            raise ConfigError(f"serve-bench measures {' or '.join(MODELS)}, not {self.model!r}")
+        unknown = sorted(set(self.backends or ()) - {b for b, _ in CANDIDATES})
+        unknown += sorted(set(self.precisions or ()) - {p for _, p in CANDIDATES})
+        if unknown:
+            raise ConfigError(f"unknown backend or precision {', '.join(unknown)}; backends: "
+                              f"{', '.join(dict.fromkeys(b for b, _ in CANDIDATES))}; precisions: "
+                              f"{', '.join(dict.fromkeys(p for _, p in CANDIDATES))}")
+        if self.device is not None:
+            resolve_device(self.device)
 
     @classmethod
     def quick(cls, **overrides: Any) -> ServeBenchConfig:
@@ -83,6 +115,7 @@ def candidates(config: ServeBenchConfig) -> list[tuple[str, str]]:
 
 def run_serve_bench(config: ServeBenchConfig, show_progress: bool = True) -> dict[str, Any]:
     """Every figure of the report (``REPORT``), measured on this machine."""
+    check_output_dir(config.out, is_serve_bench_output, config.overwrite, "serve-bench output")  # before measuring
     artifacts, data = prepare_artifacts(config, show_progress)
     manifest = read_manifest(artifacts)
     model_config = manifest["config"]
@@ -107,7 +140,7 @@ def run_serve_bench(config: ServeBenchConfig, show_progress: bool = True) -> dic
         best = max(measured, key=lambda r: r["pairs_per_second"])
         with Scorer.load(artifacts, backend=best["backend"], precision=best["precision"], device=config.device) as scorer:
             online = run_online(scorer, workloads(scorer, inputs, config.online), config.online, advance)
-    return {"format": "xmr-serve-bench", "environment": environment(), "hardware": hardware.as_dict(),
+    return {"format": FORMAT, "environment": environment(), "hardware": hardware.as_dict(),
             "config": _jsonable(dataclasses.asdict(config)), "artifacts": str(artifacts), "model": manifest["model"],
             "model_config": model_config, "regions": manifest["regions"],
             "matrix": {"images": config.offline.images, "captions": config.offline.captions,
@@ -137,7 +170,4 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / REPORT
-    path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    return path
+    return write_text(out / REPORT, json.dumps(_jsonable(report), indent=2) + "\n")

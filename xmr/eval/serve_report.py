@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from xmr.outputs import write_file
+
 
 def _num(value: float | None, spec: str = ",.0f", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
@@ -32,7 +34,7 @@ def offline_table(report: dict[str, Any]) -> Table:
     for row in report["offline"]["rows"]:
         if "skipped" in row:
             skipped.append(f"{row['backend']} {row['precision']}: {row['skipped']}")
-            table.add_row(row["backend"], row["precision"], f"[dim]skipped ({len(skipped)})[/dim]", *[""] * 9)
+            table.add_row(row["backend"], row["precision"], f"skipped ({len(skipped)})", *[""] * 9)
             continue
         acc = row["accuracy"]
         table.add_row(row["backend"], row["precision"], _num(row["pairs_per_second"]),
@@ -113,6 +115,6 @@ def plot_report(report: dict[str, Any], path: Path) -> Path | None:
     right.legend(fontsize=7)
     figure.suptitle(f"{report['hardware']['name']} — {report['environment']['date'][:10]}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_file(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
     plt.close(figure)
     return path

@@ -13,25 +13,29 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
-import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from xmr.config import config_to_dict
-from xmr.errors import ExportError
+from xmr.errors import ArtifactError, ExportError
 from xmr.export.graphs import GRAPHS, GraphSpec, TensorSpec, graph_specs
 from xmr.export.onnx_export import OPSET, TOLERANCES, export_model
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt, tensorrt_unavailable
-from xmr.models.checkpoint import file_sha256, load_checkpoint
+from xmr.models.checkpoint import load_checkpoint
+from xmr.outputs import carry_over, check_output_dir, staged_directory, write_text
+from xmr.paths import file_sha256, inside, require
 
 MANIFEST = "manifest.json"
+FORMAT = "xmr-artifacts"
 CHECKPOINT = "checkpoint.pt"  # a copy of the source checkpoint: the artifacts are self-contained
 MANIFEST_VERSION = 1
 DEFAULT_REGIONS = 36  # bottom-up features; checkpoints trained by xmr record their own
+MAX_REGIONS = 1024  # bottom-up features have 10..100 regions; more is a mistake that would exhaust memory
+MIN_OPSET, MAX_OPSET = 17, 20  # LayerNormalization-era opsets that onnx, ONNX Runtime and TensorRT all read
+TIMING_CACHE = "timing.cache"  # TensorRT builder timings, kept across re-exports
 
 
 EXPORT_TOOLS = ("xmr", "torch", "onnx", "onnxruntime", "onnxconverter-common")
@@ -49,28 +53,63 @@ def tool_versions(packages: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
 
 
 def read_manifest(artifacts: Path) -> dict[str, Any]:
+    """The manifest of an artifact directory, its structure checked (``ArtifactError`` naming
+    what is wrong); the files it lists are checked when they are used (``xmr.paths.checked_file``)."""
     path = artifacts / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {artifacts}: not an xmr artifact directory (run `xmr export` first)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "xmr-artifacts" or manifest.get("format_version") != MANIFEST_VERSION:
-        raise ExportError(f"{path} is not an xmr artifact manifest of version {MANIFEST_VERSION}; re-export it")
+        raise ArtifactError(f"no {MANIFEST} in {artifacts}: not an xmr artifact directory (run `xmr export` first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({type(e).__name__}: {e}); re-export it") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("format_version") != MANIFEST_VERSION:
+        raise ArtifactError(f"{path} is not an xmr artifact manifest of version {MANIFEST_VERSION}; re-export it")
+    check_manifest(manifest, path)
     return manifest
 
 
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Every key the runtime and ``xmr calibrate`` read, with its type (one error per problem)."""
+    where = str(path)
+    require(manifest, "model", str, where)
+    require(manifest, "config", dict, where)
+    regions = require(manifest, "regions", int, where)
+    if regions < 1:
+        raise ArtifactError(f"{where}: 'regions' must be >= 1, got {regions}")
+    require(manifest, "source_checkpoint", dict, where)
+    require(manifest["source_checkpoint"], "sha256", str, f"{where}: source_checkpoint")
+    require(manifest, "checkpoint", dict, where)
+    if manifest.get("vocab") is not None:
+        require(manifest, "vocab", dict, where)
+    graphs = require(manifest, "graphs", dict, where)
+    for name in GRAPHS:
+        graph = require(graphs, name, dict, f"{where}: graphs")
+        for key in ("inputs", "outputs"):
+            for tensor in require(graph, key, list, f"{where}: graphs.{name}"):
+                for field, kind in (("name", str), ("dtype", str), ("shape", list)):
+                    require(tensor, field, kind, f"{where}: graphs.{name}.{key}")
+        files = require(graph, "files", dict, f"{where}: graphs.{name}")
+        for precision, entry in files.items():
+            require(entry, "file", str, f"{where}: graphs.{name}.files.{precision}")
+    require(manifest, "profile", dict, where)
+    require(manifest, "engines", dict, where)
+    for name in listed_files(manifest):  # plain names inside the directory, or the manifest is refused
+        inside(path.parent, name, f"{where}: a listed file")
+
+
 def write_manifest(artifacts: Path, manifest: dict[str, Any]) -> Path:
-    """Replace ``artifacts/manifest.json`` atomically."""
-    path = artifacts / MANIFEST
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(partial, path)
-    return path
+    """Write ``artifacts/manifest.json`` (replaced atomically)."""
+    return write_text(artifacts / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def manifest_specs(manifest: dict[str, Any]) -> dict[str, GraphSpec]:
     """The graphs' input/output specs as recorded in a manifest."""
-    return {name: GraphSpec(name, [TensorSpec(**t) for t in graph["inputs"]], [TensorSpec(**t) for t in graph["outputs"]])
-            for name, graph in manifest["graphs"].items()}
+    def tensors(entries: list[dict[str, Any]]) -> list[TensorSpec]:
+        return [TensorSpec(t["name"], t["dtype"], list(t["shape"])) for t in entries]
+
+    return {name: GraphSpec(name, tensors(graph["inputs"]), tensors(graph["outputs"]))
+            for name, graph in manifest["graphs"].items() if name in GRAPHS}
 
 
 def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: ProfileShapes,
@@ -89,7 +128,7 @@ def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profi
         for precision in precisions:
             path = graph_path(out_dir, name, precision).with_suffix(".engine")
             path.write_bytes(build_engine(trt, graph_path(out_dir, name, precision), specs[name], profile, options))
-            files.setdefault(name, {})[precision] = path.name
+            files.setdefault(name, {})[precision] = {"file": path.name, "sha256": file_sha256(path)}
     major, minor = torch.cuda.get_device_capability()
     return {"built": True, "files": files, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
             "compute_capability": f"{major}.{minor}", "workspace_bytes": options.workspace_bytes,
@@ -100,27 +139,44 @@ def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profi
 def export_artifacts(checkpoint: Path, out_dir: Path, precisions: tuple[str, ...] = ("fp32", "fp16"),
                      regions: int | None = None, opset: int = OPSET, engine: bool | None = None,
                      profile: ProfileShapes | None = None, build: BuildOptions | None = None,
-                     expected_model: str | None = None) -> dict[str, Any]:
+                     expected_model: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Export ``checkpoint`` into ``out_dir`` and write its manifest; returns the manifest.
 
     ``engine``: None builds TensorRT engines when TensorRT and a GPU are present, True
     requires them, False skips them. ``regions`` defaults to the checkpoint's training data
-    (its metadata), else ``DEFAULT_REGIONS``. ``expected_model``: refuse another kind."""
+    (its metadata), else ``DEFAULT_REGIONS``. ``expected_model``: refuse another kind.
+    ``out_dir`` is replaced as a whole (``install``); a non-empty directory that is not an
+    artifact directory is refused unless ``overwrite``."""
+    check_output_dir(out_dir, is_artifact_directory, overwrite, "artifact directory")
+    check_export_options(regions, opset)
     model = load_checkpoint(checkpoint)
     if expected_model is not None and model.kind != expected_model:
-        raise ValueError(f"{checkpoint} holds a {model.kind} model, not {expected_model}; "
-                         f"pass --model {model.kind} or another --checkpoint")
-    regions = regions or int(model.checkpoint_metadata.get("regions") or DEFAULT_REGIONS)
+        raise ExportError(f"{checkpoint} holds a {model.kind} model, not {expected_model}; "
+                          f"pass --model {model.kind} or another --checkpoint")
+    recorded = model.checkpoint_metadata.get("regions")
+    regions = regions or (recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else DEFAULT_REGIONS)
+    check_export_options(regions, opset)
     profile = profile or ProfileShapes()
-    build = build or BuildOptions(timing_cache=out_dir / "timing.cache")  # kept for rebuilds
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
-    try:
-        manifest = _export_into(model, checkpoint, work, regions, precisions, opset, engine, profile, build)
-        install_artifacts(out_dir, work, manifest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with staged_directory(out_dir) as work:
+        copy_timing_cache(out_dir, work)
+        options = dataclasses.replace(build or BuildOptions(), timing_cache=work / TIMING_CACHE)
+        manifest = _export_into(model, checkpoint, work, regions, precisions, opset, engine, profile, options)
+        install(out_dir, work, manifest)
     return manifest
+
+
+def copy_timing_cache(old: Path, new: Path) -> None:
+    """The TensorRT timing cache of ``old`` copied (not linked: the builder rewrites it) into ``new``."""
+    if (old / TIMING_CACHE).is_file() and not (old / TIMING_CACHE).is_symlink():
+        shutil.copy2(old / TIMING_CACHE, new / TIMING_CACHE)
+
+
+def check_export_options(regions: int | None, opset: int) -> None:
+    if regions is not None and not 1 <= regions <= MAX_REGIONS:
+        raise ExportError(f"--regions {regions} is out of range: regions per image must be in 1..{MAX_REGIONS}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset} is out of range: xmr exports opsets {MIN_OPSET}..{MAX_OPSET} "
+                          f"(TensorRT 10/11 parse up to {MAX_OPSET})")
 
 
 def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precisions: tuple[str, ...], opset: int,
@@ -132,9 +188,9 @@ def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precision
     vocab_file = None
     if model.vocab is not None:
         vocab_file = out_dir / "vocab.json"
-        vocab_file.write_text(json.dumps(model.vocab.to_dict()))
+        model.vocab.save(vocab_file)
     return {
-        "format": "xmr-artifacts", "format_version": MANIFEST_VERSION,
+        "format": FORMAT, "format_version": MANIFEST_VERSION,
         "model": model.kind, "config": config_to_dict(model.config), "regions": regions,
         "vocab": None if vocab_file is None else {"file": vocab_file.name, "sha256": file_sha256(vocab_file)},
         "source_checkpoint": {"path": str(checkpoint), "sha256": model.checkpoint_sha256},
@@ -159,29 +215,43 @@ ARTIFACT_EXTRAS = ("calibration", "int8_report.json", "int8_report.md")  # writt
 
 
 def listed_files(manifest: dict[str, Any]) -> set[str]:
-    """Every graph, engine and checkpoint file a manifest lists."""
-    graphs = {f["file"] for g in manifest.get("graphs", {}).values() for f in g.get("files", {}).values()}
-    checkpoint = {manifest["checkpoint"]["file"]} if manifest.get("checkpoint") else set()
-    return graphs | checkpoint | {f for g in manifest.get("engines", {}).get("files", {}).values() for f in g.values()}
+    """Every file name a manifest lists (graphs, engines, checkpoint, vocabulary)."""
+    graphs = {f.get("file") for g in manifest.get("graphs", {}).values() for f in g.get("files", {}).values()}
+    singles = {manifest[k].get("file") for k in ("checkpoint", "vocab") if isinstance(manifest.get(k), dict)}
+    engines = {f.get("file") if isinstance(f, dict) else f
+               for g in manifest.get("engines", {}).get("files", {}).values() for f in g.values()}
+    return {n if isinstance(n, str) else repr(n) for n in graphs | singles | engines}
 
 
-def install_artifacts(out_dir: Path, work: Path, manifest: dict[str, Any]) -> None:
-    """Move the new files in ``work`` (same filesystem) into ``out_dir`` and write ``manifest``.
+def entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
 
-    The old manifest goes first and the new one is written last, so the directory never
-    holds a manifest that lists missing or stale files. Files the old manifest listed and the
-    new one does not, and INT8 extras not rewritten, are removed; other files are left alone."""
-    old = out_dir / MANIFEST
-    stale = set(ARTIFACT_EXTRAS)
-    if old.is_file():
-        try:
-            stale |= listed_files(json.loads(old.read_text())) - listed_files(manifest)
-        except (ValueError, AttributeError, KeyError, TypeError):
-            pass
-        old.unlink()
-    for name in stale | {p.name for p in work.iterdir()}:
-        path = out_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    for path in work.iterdir():
-        os.replace(path, out_dir / path.name)
-    write_manifest(out_dir, manifest)
+
+def is_artifact_directory(directory: Path) -> bool:
+    try:
+        read_manifest(directory)
+    except ArtifactError:
+        return False
+    return True
+
+
+def owned_entries(directory: Path) -> set[str]:
+    """The entries of an artifact directory that xmr wrote: its manifest, what the manifest
+    lists and the extras export and calibrate write (nothing if there is no valid manifest)."""
+    try:
+        manifest = read_manifest(directory)
+    except ArtifactError:
+        return set()
+    return {MANIFEST, TIMING_CACHE, *ARTIFACT_EXTRAS} | listed_files(manifest)
+
+
+def install(out_dir: Path, work: Path, manifest: dict[str, Any], replaced: set[str] | None = None) -> None:
+    """Complete the new artifact directory ``work`` (it becomes ``out_dir`` when the staging
+    block ends): entries of ``out_dir`` that xmr did not write (a user's notes) are carried
+    over; so are xmr's own unless ``replaced`` is None (a new export replaces all of them) or
+    names them (calibrate replaces its INT8 files). The manifest is written last. Nothing
+    outside ``out_dir`` is read for this or touched."""
+    present = set(entries(out_dir))
+    keep = present - (owned_entries(out_dir) if replaced is None else replaced)
+    carry_over(out_dir, work, keep - set(entries(work)) - {MANIFEST})
+    write_manifest(work, manifest)

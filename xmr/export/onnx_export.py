@@ -125,6 +125,10 @@ def max_differences(path: Path, module: torch.nn.Module, spec: GraphSpec,
     for t, g, e in zip(spec.outputs, got, expected):
         if g.shape != tuple(e.shape):
             raise ExportError(f"{spec.name}: output {t.name} has shape {g.shape} in ONNX Runtime, {tuple(e.shape)} in PyTorch")
+        for engine, values in (("ONNX Runtime", g), ("PyTorch", e.numpy())):
+            if not np.isfinite(values).all():  # NaN compares unequal to everything: never a pass
+                raise ExportError(f"{spec.name}: output {t.name} holds NaN or Inf in {engine}; the weights or "
+                                  f"the export are broken")
         diffs[t.name] = float(np.abs(g.astype(np.float64) - e.double().numpy()).max()) if g.size else 0.0
     return diffs
 

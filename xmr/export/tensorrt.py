@@ -10,6 +10,7 @@ CI uses it to prove every graph parses and builds. Both modules are imported laz
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +20,8 @@ from xmr.errors import ExportError
 from xmr.export.graphs import LENGTH, N_CAPTIONS, N_IMAGES, GraphSpec
 
 MODULES = ("tensorrt", "tensorrt_rtx")
+MAX_PROFILE_SIZE = 1 << 16  # items or tokens per launch; far beyond any GPU's memory at the released sizes
+OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's builder_optimization_level
 
 
 @dataclass
@@ -27,6 +30,22 @@ class ProfileShapes:
 
     sizes: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {
         N_IMAGES: (1, 16, 64), N_CAPTIONS: (1, 64, 256), LENGTH: (1, 32, 64)})
+
+    def __post_init__(self) -> None:
+        for axis, (low, opt, high) in self.sizes.items():
+            if not 1 <= low <= opt <= high <= MAX_PROFILE_SIZE:
+                raise ExportError(f"TensorRT profile for {axis}: need 1 <= min <= opt <= max <= {MAX_PROFILE_SIZE}, "
+                                  f"got {low}, {opt}, {high}")
+
+    @classmethod
+    def up_to(cls, images: int, captions: int, length: int) -> ProfileShapes:
+        """A profile from 1 to each maximum, optimised for a quarter of the images and captions and
+        half the length (``xmr export --max-images/--max-captions/--max-length``)."""
+        for option, value in (("--max-images", images), ("--max-captions", captions), ("--max-length", length)):
+            if not 1 <= value <= MAX_PROFILE_SIZE:
+                raise ExportError(f"{option} {value} is out of range 1..{MAX_PROFILE_SIZE}")
+        return cls({N_IMAGES: (1, max(1, images // 4), images), N_CAPTIONS: (1, max(1, captions // 4), captions),
+                    LENGTH: (1, max(1, length // 2), length)})
 
     def shape(self, spec_shape: list[int | str], which: int) -> tuple[int, ...]:
         """The concrete shape of one input at min (0), opt (1) or max (2)."""
@@ -65,6 +84,19 @@ class BuildOptions:
     optimization_level: int = 3
     compute_capability: str | None = None  # tensorrt_rtx only: "SM80", "SM89", ...; None: portable
     timing_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimization_level not in OPTIMIZATION_LEVELS:
+            raise ExportError(f"--optimization-level {self.optimization_level} is out of range "
+                              f"{OPTIMIZATION_LEVELS.start}..{OPTIMIZATION_LEVELS.stop - 1}")
+        if self.workspace_bytes < 1 << 20:
+            raise ExportError(f"the TensorRT workspace must be at least 1 MiB, got {self.workspace_bytes} bytes")
+
+    @classmethod
+    def from_gib(cls, workspace_gib: float, optimization_level: int) -> BuildOptions:
+        if not math.isfinite(workspace_gib) or not 0 < workspace_gib <= 1024:
+            raise ExportError(f"--workspace-gib {workspace_gib} is out of range: give a size in (0, 1024] GiB")
+        return cls(workspace_bytes=int(workspace_gib * (1 << 30)), optimization_level=optimization_level)
 
 
 def _create_network_flags(trt: ModuleType) -> int:

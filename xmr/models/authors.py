@@ -1,24 +1,46 @@
 """Import checkpoints saved by the authors' released CAMP and IMRAM training code.
 
 Their files pickle the training options (``argparse.Namespace`` for IMRAM,
-``easydict.EasyDict`` for CAMP). We read them with an unpickler that resolves only an
-allow-list of globals (tensor rebuilding, ``OrderedDict``, numpy scalars, and those two
-option classes mapped onto plain stand-ins), so neither their code nor easydict is
-needed and nothing else in the file can run.
+``easydict.EasyDict`` for CAMP). A checkpoint comes from outside, and reading one must
+not run anything it carries. :func:`read_authors_checkpoint` closes three ways in, all
+before anything is deserialised:
+
+* Pickled callables (``os.system``, ``builtins.exec``, ...). Every global the pickles name
+  is listed with :mod:`pickletools` (which builds nothing) and checked against a short
+  allow-list: tensor rebuilding, ``OrderedDict``, numpy scalars and the two option classes,
+  mapped onto plain stand-ins, so neither their code nor easydict is needed. The file is
+  then read by torch's ``weights_only`` unpickler with exactly those globals added.
+* TorchScript. ``torch.load`` sends any zip with a ``constants.pkl`` record to
+  ``torch.jit.load``, whatever ``pickle_module`` says, and the ``__setstate__`` methods
+  compiled from the archive's ``code/`` then run (one can write chosen bytes to a chosen
+  path). Only the two layouts ``torch.save`` writes are accepted: the legacy pickle
+  stream, or a zip of ``data.pkl``, ``data/<n>`` storages and bookkeeping records, as seen
+  by both torch's zip reader and Python's.
+* Things that are not files. Directories, FIFOs (opening one blocks) and devices
+  (``/dev/zero`` never ends) are refused without being read.
+
+Every refusal, and every truncated or garbled file, is a one-line :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
 import codecs
+import io
+import os
 import pickle
+import pickletools
 import re
-import types
+import stat
+import tarfile
+import threading
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
+from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from xmr.data.vocab import Vocabulary
 from xmr.errors import CheckpointError
@@ -33,43 +55,124 @@ class _PickledNamespace:
     """Stands in for ``argparse.Namespace`` while unpickling."""
 
 
-class _PickledEasyDict(dict):
-    """Stands in for ``easydict.EasyDict`` (a dict that mirrors its items as attributes)."""
+class _PickledDtype:
+    """Stands in for ``numpy.dtype`` while unpickling: keeps the name and byte order only."""
+
+    def __init__(self, name: object, align: object = False, copy: object = True) -> None:
+        self.name, self.byteorder = name, "="
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">"):
+            self.byteorder = state[1]
 
 
-def _numpy_scalar(dtype: np.dtype, data: bytes) -> Any:
+def _numpy_scalar(dtype: object, data: object) -> int | float | complex | bool:
     """Rebuilds a pickled numpy scalar (``best_rsum`` is one in real checkpoints) from raw bytes."""
-    return np.frombuffer(data, dtype=dtype)[0].item()
+    if not isinstance(dtype, _PickledDtype) or not isinstance(dtype.name, str) or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("malformed numpy scalar")
+    real = np.dtype(dtype.name)
+    if real.kind not in "biufc":
+        raise pickle.UnpicklingError(f"refusing a numpy scalar of dtype {real}")
+    return np.frombuffer(data, dtype=real.newbyteorder(dtype.byteorder), count=1)[0].item()
 
 
-# Every global the unpickler may resolve; anything else in the file is refused unrun.
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("argparse", "Namespace"): _PickledNamespace,
-    ("easydict", "EasyDict"): _PickledEasyDict,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # numpy scalars carry their bytes through it
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+# Every global a checkpoint may name, and what it resolves to; a file naming any other is
+# refused unread. (Storage types, torch.FloatStorage and kin, are torch's own markers.)
+_ALLOWED_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "argparse.Namespace": _PickledNamespace,
+    # weights_only fills only exact dicts/OrderedDicts; an OrderedDict also takes the
+    # attribute copy of the items that EasyDict pickles as its state
+    "easydict.EasyDict": OrderedDict,
+    "numpy.dtype": _PickledDtype,
+    "_codecs.encode": codecs.encode,  # numpy scalars carry their bytes through it
+    "numpy.core.multiarray.scalar": _numpy_scalar,
+    "numpy._core.multiarray.scalar": _numpy_scalar,
 }
+_STORAGE_GLOBAL = re.compile(r"torch\.[A-Za-z]*Storage")
+_SAFE_GLOBALS = [(value, name) for name, value in _ALLOWED_GLOBALS.items()]
+# opcodes that reach a global other than through GLOBAL (weights_only refuses them too)
+_INDIRECT_GLOBAL_OPCODES = {"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"}
+# safe_globals edits torch's process-wide allow-list; two imports at once must not undo each other's
+_LOAD_LOCK = threading.Lock()
+
+_LEGACY_HEADER = (pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+                  + pickle.dumps(torch.serialization.PROTOCOL_VERSION, protocol=2))
+_ZIP_MAGIC = b"PK\x03\x04"  # what torch.load itself looks at to call a file a zip
+# records (below the archive's one top folder) of a torch.save zip
+_PLAIN_RECORD = re.compile(r"data\.pkl|data/\d+|version|byteorder|\.format_version|\.storage_alignment"
+                           r"|\.data/(serialization_id|version)")
+# records of torch.jit.save archives (torch itself only looks for constants.pkl)
+_TORCHSCRIPT_RECORD = re.compile(r"(constants|bytecode|mobile_info)\.(pkl|json)|(code|constants|extra)/.*"
+                                 r"|.*\.(py|debug_pkl)|(.*/)?ts_code/.*")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}") from None
+def _open_regular_file(path: Path) -> BinaryIO:
+    """``path`` open for reading if it is a regular file (or a link to one), checked before
+    opening and again on the open descriptor, so that no FIFO or device is ever read."""
+    not_regular = (f"{path}: not a regular file (a directory, FIFO or device); "
+                   "an authors' checkpoint is a file saved by torch.save")
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # so that a FIFO swapped in meanwhile cannot block open
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise CheckpointError(not_regular)
+        fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from None
+    file = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        file.close()
+        raise CheckpointError(not_regular)
+    if nonblocking:
+        os.set_blocking(fd, True)
+    return file
 
 
-# what torch.load needs of a pickle module: Unpickler (and load, for the legacy format)
-_RESTRICTED_PICKLE = types.SimpleNamespace(
-    __name__="xmr_restricted_pickle",
-    Unpickler=_RestrictedUnpickler,
-    load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load(),
-)
+def _pickle_globals(stream: BinaryIO) -> set[str]:
+    """The globals one pickle names, listed without building or importing anything."""
+    found = set()
+    for opcode, arg, _ in pickletools.genops(stream):
+        if opcode.name == "GLOBAL":  # named as torch's unpickler will look it up (Python 2 names mapped)
+            module, _, name = str(arg).partition(" ")
+            module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+            found.add(f"{module}.{name}")
+        elif opcode.name in _INDIRECT_GLOBAL_OPCODES:
+            found.add(f"(a global named through {opcode.name})")
+    return found
+
+
+def _refuse_torchscript(path: Path, records: list[str]) -> None:
+    if any(_TORCHSCRIPT_RECORD.fullmatch(record) for record in records):
+        raise CheckpointError(
+            f"{path}: is a TorchScript archive (it holds code/constants records), not a torch.save checkpoint; "
+            "torch.load would run the code inside it, so it is refused unread")
+
+
+def _zip_globals(path: Path, file: BinaryIO) -> set[str]:
+    """The globals in ``data.pkl`` of a torch.save zip; TorchScript or any other content is refused."""
+    with zipfile.ZipFile(file) as archive:
+        names = [info.filename for info in archive.infolist()]
+    inner = [name.partition("/")[2] for name in names]
+    _refuse_torchscript(path, inner)
+    prefix = names[0].partition("/")[0] if names else ""
+    unexpected = sorted({name for name, record in zip(names, inner)
+                         if not name.startswith(prefix + "/") or not _PLAIN_RECORD.fullmatch(record)})
+    if unexpected:
+        raise CheckpointError(f"{path}: not a plain torch.save zip archive: unexpected entries {unexpected[:5]}")
+    if "data.pkl" not in inner:
+        raise CheckpointError(f"{path}: not a plain torch.save zip archive: it has no data.pkl")
+    file.seek(0)
+    reader = torch._C.PyTorchFileReader(file)  # what torch.load reads the archive with
+    records = list(reader.get_all_records())
+    _refuse_torchscript(path, records)
+    if len(set(inner)) != len(inner) or sorted(inner) != sorted(records):
+        raise CheckpointError(f"{path}: not a plain torch.save zip archive: duplicate entries, "
+                              "or entries that torch and Python's zipfile read differently")
+    return _pickle_globals(io.BytesIO(reader.get_record("data.pkl")))
 
 
 def _plain(value: Any) -> Any:
@@ -83,23 +186,92 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict with ``opt`` as a plain mapping. Only tensors, containers, numpy
-    scalars and the two option classes are unpickled; any other global is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def _is_tar(file: BinaryIO) -> bool:
+    """Whether ``tarfile`` takes the file for a tar, as torch.load tries first (pre-1.0 format)."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
-    except Exception as e:  # unpickling errors come in many types
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read as an authors' checkpoint: {first_line}") from e
+        tarfile.open(fileobj=file, mode="r:").close()
+        return True
+    except tarfile.TarError:
+        return False
+    finally:
+        file.seek(0)
+
+
+def _legacy_globals(path: Path, file: BinaryIO) -> set[str]:
+    """The globals in the pickles of a legacy torch.save stream: magic number, protocol,
+    system info, the object, its storage keys (raw storage bytes follow, unpickled)."""
+    if _is_tar(file):
+        raise CheckpointError(f"{path}: a tar archive (torch's pre-1.0 format), not a torch.save checkpoint")
+    found: set[str] = set()
+    for _ in range(5):
+        found |= _pickle_globals(file)
+    return found
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check_format_and_globals(path: Path, file: BinaryIO) -> None:
+    """Refuses, unread, anything but a plain torch.save file naming only allowed globals."""
+    head = file.read(len(_LEGACY_HEADER))
+    file.seek(0)
+    if head.startswith(_ZIP_MAGIC):
+        names = _zip_globals(path, file)
+    elif head == _LEGACY_HEADER:
+        names = _legacy_globals(path, file)
+    else:
+        start = f"it starts {head[:8]!r}" if head else "it is empty"
+        raise CheckpointError(f"{path}: neither a torch.save zip archive nor a legacy torch.save file ({start})")
+    refused = sorted(n for n in names if n not in _ALLOWED_GLOBALS and not _STORAGE_GLOBAL.fullmatch(n))
+    if refused:
+        raise CheckpointError(
+            f"{path}: cannot read as an authors' checkpoint: refusing to unpickle {_one_line(', '.join(refused))} "
+            "(only tensors, containers, numpy scalars and the training options may be in it)")
+    file.seek(0)
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why reading failed."""
+    if isinstance(error, pickle.UnpicklingError) and error.__context__ is not None:
+        error = error.__context__  # torch wraps the unpickler's reason in advice to load unsafely
+    text = str(error).strip()
+    return _one_line(text.splitlines()[0]) if text else type(error).__name__
+
+
+def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict with ``opt`` as a plain mapping, read without running anything
+    the file carries: TorchScript archives, anything but the two torch.save layouts, and
+    any global outside the allow-list are refused before deserialisation (module docstring)."""
+    path = Path(path)
+    with _open_regular_file(path) as file:
+        try:
+            _check_format_and_globals(path, file)
+            with _LOAD_LOCK, torch.serialization.safe_globals(_SAFE_GLOBALS):
+                blob = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated or garbled files fail in many ways
+            raise CheckpointError(f"{path}: cannot read as an authors' checkpoint: {_reason(e)}") from e
     if not isinstance(blob, dict) or "model" not in blob or "opt" not in blob:
-        keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
+        keys = sorted(blob, key=repr) if isinstance(blob, dict) else type(blob).__name__
         raise CheckpointError(f"{path}: expected a dict with 'model' and 'opt' (authors' format), got {keys}")
     blob = dict(blob)
     blob["opt"] = _plain(blob["opt"])
     return blob
+
+
+def check_output_is_not_input(source: Path, out: Path) -> None:
+    """Refuses an output path that is the checkpoint being imported, however it is spelt
+    (``./x/../x/file``, a symlink, a hard link): writing there would destroy the original."""
+    try:
+        same = os.path.samefile(source, out)
+    except OSError:  # either does not exist (yet): they cannot be one file
+        same = False
+    if same:
+        raise CheckpointError(
+            f"{out}: is the checkpoint being imported ({source}); writing there would overwrite the authors' "
+            "original, choose another output path")
 
 
 def _opt(opt: Mapping[str, Any], name: str) -> Any:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from xmr.data.vocab import Vocabulary
+from xmr.errors import VocabError
 from xmr.models.config import ModelConfig
 from xmr.models.layers import (
     ImageEncoder, TextEncoder, check_embeddings, check_features, check_tokens,
@@ -34,7 +35,7 @@ class RetrievalModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab: Vocabulary | None = None) -> None:
         super().__init__()
         if vocab is not None and len(vocab) != config.vocab_size:
-            raise ValueError(f"vocabulary has {len(vocab)} words but config.vocab_size is {config.vocab_size}")
+            raise VocabError(f"vocabulary has {len(vocab)} words but config.vocab_size is {config.vocab_size}")
         self.config = config
         self.vocab = vocab
         self.img_enc = ImageEncoder(config.img_dim, config.embed_size, config.img_norm)

@@ -5,9 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from xmr.errors import ConfigError
+from xmr.config import check_bool, check_choice, check_float, check_int, check_memory
 
 IMRAM_MODES = ("text", "image", "full")
+MEMORY_HINT = "lower embed_size, word_dim, img_dim or vocab_size"
+MAX_STEPS = 100  # IMRAM matching steps; the paper uses 1-3
+
+
+def check_margin(owner: str, margin: object) -> float:
+    """The triplet loss margin: finite and >= 0."""
+    return check_float(owner, "margin", margin, 0.0)
 
 
 @dataclass
@@ -16,6 +23,7 @@ class ModelConfig:
 
     VERSION: ClassVar[int] = 1
     KIND: ClassVar[str] = ""
+    SQUARE_MATRICES: ClassVar[int] = 0  # D x D weight blocks beyond the shared encoders (parameter estimate)
 
     vocab_size: int = 8481  # rows of the word embedding (Flickr30K vocabulary: 8481)
     word_dim: int = 300  # word embedding size
@@ -25,9 +33,26 @@ class ModelConfig:
     txt_norm: bool = True  # l2-normalise each word embedding
 
     def __post_init__(self) -> None:
+        """Every field checked (``ConfigError`` naming it and its range); then the weights'
+        size against the available memory, so a typo (``embed_size=10**7``) fails here and
+        not in an allocation."""
+        owner = type(self).__name__
         for name in ("vocab_size", "word_dim", "embed_size", "img_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
+            check_int(owner, name, getattr(self, name), 1)
+        for name in ("img_norm", "txt_norm"):
+            check_bool(owner, name, getattr(self, name))
+        self.check_fields(owner)
+        check_memory(owner, f"the float32 weights (about {self.parameter_estimate():,} parameters)",
+                     4 * self.parameter_estimate(), MEMORY_HINT)
+
+    def check_fields(self, owner: str) -> None:
+        """The fields of a model kind (the shared ones are checked by ``__post_init__``)."""
+
+    def parameter_estimate(self) -> int:
+        """Parameters, about: word embedding, bidirectional GRU, region projection and the
+        kind's ``SQUARE_MATRICES`` D x D blocks."""
+        d, w = self.embed_size, self.word_dim
+        return self.vocab_size * w + 6 * (w + d + 2) * d + (self.img_dim + 1) * d + self.SQUARE_MATRICES * d * d
 
 
 @dataclass
@@ -35,10 +60,18 @@ class CampConfig(ModelConfig):
     """CAMP, the released ``gate_fusion_new`` configuration (concat fusion, self-attention reduction)."""
 
     KIND: ClassVar[str] = "camp"
+    SQUARE_MATRICES: ClassVar[int] = 16
 
     img_norm: bool = False  # released: no_imgnorm
     txt_norm: bool = False  # released: no_txtnorm
     num_heads: int = 4  # heads h of the summary-attention reduction (num_attn)
+
+    def check_fields(self, owner: str) -> None:
+        check_int(owner, "num_heads", self.num_heads, 1)
+
+    def parameter_estimate(self) -> int:
+        """Shared estimate plus the two summary-attention head layers (``num_heads`` x D each)."""
+        return super().parameter_estimate() + 2 * self.num_heads * (self.embed_size + 1)
 
 
 @dataclass
@@ -46,6 +79,7 @@ class ImramConfig(ModelConfig):
     """IMRAM: K steps of iterative matching with memory distillation units."""
 
     KIND: ClassVar[str] = "imram"
+    SQUARE_MATRICES: ClassVar[int] = 8
 
     mode: str = "full"  # "text" (words attend regions), "image" (regions attend words), "full" (both)
     steps: int = 3  # K matching steps (iteration_step)
@@ -53,12 +87,12 @@ class ImramConfig(ModelConfig):
     memory_norm: bool = False  # l2-normalise the query after each memory update (released: off)
     margin: float = 0.2  # triplet ranking loss margin
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mode not in IMRAM_MODES:
-            raise ConfigError(f"IMRAM mode must be one of {IMRAM_MODES}, got {self.mode!r}")
-        if self.steps < 1:
-            raise ConfigError(f"IMRAM steps must be >= 1, got {self.steps}")
+    def check_fields(self, owner: str) -> None:
+        check_choice(owner, "mode", self.mode, IMRAM_MODES)
+        check_int(owner, "steps", self.steps, 1, MAX_STEPS)
+        check_float(owner, "lambda_softmax", self.lambda_softmax, 0.0, above=True)
+        check_bool(owner, "memory_norm", self.memory_norm)
+        check_margin(owner, self.margin)
 
 
 @dataclass
@@ -68,3 +102,6 @@ class DualEncoderConfig(ModelConfig):
     KIND: ClassVar[str] = "dual"
 
     margin: float = 0.2
+
+    def check_fields(self, owner: str) -> None:
+        check_margin(owner, self.margin)

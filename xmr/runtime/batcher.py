@@ -22,6 +22,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
+from xmr.errors import InputError, XmrError
+
 P = TypeVar("P")
 R = TypeVar("R")
 
@@ -30,11 +32,11 @@ log = logging.getLogger(__name__)
 _Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(XmrError, RuntimeError):
     """The batcher's queue is full: the request was not accepted (backpressure)."""
 
 
-class BatcherClosedError(RuntimeError):
+class BatcherClosedError(XmrError, RuntimeError):
     """The batcher is closed (or closing) and accepts no new requests."""
 
 
@@ -45,13 +47,14 @@ class BatcherConfig:
     max_queue: int = 1024  # most requests waiting (not yet taken); beyond it submit raises QueueFullError
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting that cannot work."""
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
-        if not (math.isfinite(self.max_queue_delay_ms) and self.max_queue_delay_ms >= 0):
-            raise ValueError(f"max_queue_delay_ms must be a finite number >= 0, got {self.max_queue_delay_ms}")
-        if self.max_queue < 1:
-            raise ValueError(f"max_queue must be at least 1, got {self.max_queue}")
+        """Raise ``InputError`` (a ValueError) naming the first setting that cannot work."""
+        for name in ("max_batch", "max_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be at least 1 (an integer), got {value!r}"[:200])
+        delay = self.max_queue_delay_ms
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not (math.isfinite(delay) and delay >= 0):
+            raise InputError(f"max_queue_delay_ms must be a finite number >= 0, got {delay!r}"[:200])
 
 
 @dataclass
@@ -195,6 +198,8 @@ class DynamicBatcher(Generic[P, R]):
     @config.setter
     def config(self, config: BatcherConfig) -> None:
         """New limits, applied from the batch being formed now on (queued requests stay)."""
+        if not isinstance(config, BatcherConfig):
+            raise InputError(f"a batcher config is a BatcherConfig, got {type(config).__name__}")
         config.validate()
         with self._cond:
             self._config = config

@@ -33,7 +33,9 @@ from xmr.runtime.backends import Backend, Prepared, create_backend
 from xmr.runtime.batcher import BatcherConfig, BatcherStats, DynamicBatcher
 from xmr.runtime.executor import run_plan
 from xmr.runtime.gallery import Gallery, ImageGallery, TextGallery, concat_texts
-from xmr.runtime.inputs import Tokens, as_features, as_tokens, end_token, limit_length, tokenize_captions
+from xmr.runtime.inputs import (
+    Tokens, as_features, as_tokens, caption_cap, end_token, limit_length, positive_int, tokenize_captions,
+)
 from xmr.runtime.schedule import Plan, computed_tokens, plan_blocks
 
 log = logging.getLogger("xmr.runtime")
@@ -73,17 +75,21 @@ class Scorer:
 
     def __init__(self, artifacts: Artifacts, backend: Backend, block_budget: int | None = None,
                  max_length: int | None = None, truncate: bool = True, batcher: BatcherConfig | None = None) -> None:
+        _check_options(block_budget, truncate, batcher)
         self.artifacts = artifacts
         self._backend = backend
         self.vocab = artifacts.vocab
-        self.max_length = max_length or backend.limits.length
+        self.max_length = caption_cap(max_length, backend.limits.length)
         self.truncate = truncate
-        self.block_budget = block_budget or self._default_budget()
+        self.block_budget = self._default_budget() if block_budget is None else block_budget
         self.bucketed = True  # sort captions by length into blocks (False: only for measuring what that saves)
         self._lock = threading.RLock()  # one launch sequence at a time on the backend
         self._counters = {"pairs_scored": 0, "launches": 0, "real_tokens": 0, "computed_tokens": 0}
-        text_outputs = artifacts.manifest["graphs"]["text_encoder"]["outputs"]
-        self._length_axes = {t["name"]: [i for i, d in enumerate(t["shape"]) if d == LENGTH] for t in text_outputs}
+        text_outputs = artifacts.outputs("text_encoder")
+        self._length_axes = {t.name: [i for i, d in enumerate(t.shape) if d == LENGTH] for t in text_outputs}
+        self._gallery_tensors = {  # what a gallery for this scorer holds: dtype and dims after the item (and length) axes
+            "images": {t.name: (t.dtype, t.shape[1:]) for t in artifacts.outputs("image_encoder")},
+            "texts": {t.name: (t.dtype, [d for d in t.shape[1:] if d != LENGTH]) for t in text_outputs}}
         self._batcher: DynamicBatcher[_Search | _Pairs, Any] = DynamicBatcher(
             self._run_batch, batcher or BatcherConfig(), key=_batch_key, size=_batch_size, name="xmr-scorer")
 
@@ -97,10 +103,18 @@ class Scorer:
         ``onnxruntime`` or ``torch``. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: a GPU
         when there is one). ``threads``: ONNX Runtime CPU threads (default: the cores this process
         may use). ``block_budget``: floats of a block's largest intermediate (default: CPU 2^23,
-        GPU a fraction of free memory). ``max_length``: longest caption in tokens (default: the
-        engine's profile; none otherwise); longer ones are truncated with a warning, or refused
-        if ``truncate`` is false. ``batcher``: dynamic batching of ``submit``. ``verify``: check
-        every file against the manifest's sha256."""
+        GPU a fraction of free memory). ``max_length``: the longest caption in tokens, ``<start>``
+        and ``<end>`` included (default: 128, or the TensorRT profile's longest when
+        that is smaller; at least 3, at most that profile's); longer captions are cut with an
+        ``InputWarning``, or refused if ``truncate`` is false, and raw text beyond the cap is
+        never tokenised. ``batcher``: dynamic batching of ``submit``. ``verify``: check every
+        file against the manifest's sha256 (False: file names are still confined to the
+        artifact directory, only the hashing is skipped)."""
+        if threads is not None:
+            positive_int(threads, "threads")
+        if max_length is not None:
+            caption_cap(max_length, None)  # its range now; the engines' limit once the backend is known
+        _check_options(block_budget, truncate, batcher)
         artifacts = Artifacts.open(artifact_dir, verify)
         chosen = create_backend(artifacts, backend, precision, device, threads=threads)
         scorer = cls(artifacts, chosen, block_budget, max_length, truncate, batcher)
@@ -126,8 +140,8 @@ class Scorer:
     # -- encoding
     def encode_images(self, features: Images, show_progress: bool = False) -> ImageGallery:
         """Region features ``[N, R, img_dim]`` (numpy or torch) -> an image gallery on the backend's device."""
-        if isinstance(features, ImageGallery):
-            return self._own(features)
+        if isinstance(features, Gallery):
+            return self._own(features, ImageGallery, "encode_images")  # type: ignore[return-value]
         config = self.artifacts.config
         array = as_features(features, self.artifacts.regions, config["img_dim"], single=True)
         launches = list(self._encode(array, None, torch.arange(array.size(0)), "encode images", show_progress))
@@ -136,8 +150,8 @@ class Scorer:
 
     def encode_texts(self, captions: Captions, show_progress: bool = False) -> TextGallery:
         """Raw captions (tokenised with the model's vocabulary), or ``(ids, lengths)`` -> a caption gallery."""
-        if isinstance(captions, TextGallery):
-            return self._own(captions)
+        if isinstance(captions, Gallery):
+            return self._own(captions, TextGallery, "encode_texts")  # type: ignore[return-value]
         tokens = self._tokens(captions)
         order = torch.argsort(tokens.lengths, stable=True)  # launches of similar lengths pad little
         parts = [TextGallery.from_padded(result, tokens.lengths[index], self.artifacts.identity, self.precision,
@@ -149,16 +163,15 @@ class Scorer:
 
     def load_gallery(self, path: str | Path) -> Gallery:
         """A gallery saved with ``gallery.save(path)``, checked against this model, on the backend's device."""
-        return self._own(Gallery.load(path))
+        return self._own(Gallery.load(path), Gallery, "load_gallery")
 
     def _tokens(self, captions: Captions) -> Tokens:
         if isinstance(captions, tuple) and len(captions) == 2 and not isinstance(captions[0], str):
             tokens = as_tokens(captions[0], captions[1], self.artifacts.config["vocab_size"])
-        else:
-            if self.vocab is None:
-                raise InputError("these artifacts carry no vocabulary: pass captions as (ids, lengths)")
-            tokens = tokenize_captions(captions, self.vocab)
-        return limit_length(tokens, self.max_length, end_token(self.vocab), self.truncate)
+            return limit_length(tokens, self.max_length, end_token(self.vocab), self.truncate)
+        if self.vocab is None:
+            raise InputError("these artifacts carry no vocabulary: pass captions as (ids, lengths)")
+        return tokenize_captions(captions, self.vocab, self.max_length, self.truncate)
 
     def _encode(self, data: torch.Tensor, lengths: torch.Tensor | None, order: torch.Tensor, what: str,
                 show: bool) -> Iterator[tuple[torch.Tensor, Prepared]]:
@@ -180,32 +193,77 @@ class Scorer:
                     yield index, self._backend.encode_texts(data[index, :longest].to(device), lengths[index].to(device))
                 bar.advance(task, len(index))
 
-    def _own(self, gallery: Gallery) -> Gallery:
+    def _own(self, gallery: object, kind: type[Gallery], role: str) -> Gallery:
+        """``gallery`` on the backend's device if it is a ``kind`` this scorer encoded (these
+        weights, this precision, this model's encoder outputs) and whole; else an ``InputError``."""
+        if not isinstance(gallery, kind):
+            wanted = {ImageGallery: "an ImageGallery or region features [n_images, regions, img_dim]",
+                      TextGallery: "a TextGallery or captions (strings, or (ids, lengths))"}.get(kind, "a gallery")
+            raise InputError(f"{role} needs {wanted}, got {_describe(gallery)}")
+        gallery.check(f"this {gallery.kind} gallery")
         if gallery.identity != self.artifacts.identity:
             raise InputError(f"this {gallery.kind} gallery was encoded by other weights (checkpoint sha256 "
                              f"{gallery.identity[:12]}…), not this scorer's ({self.artifacts.identity[:12]}…); re-encode it")
         if gallery.precision != self.precision:
             raise InputError(f"this {gallery.kind} gallery was encoded in {gallery.precision}, this scorer runs "
                              f"{self.precision}; re-encode it with this scorer")
+        self._check_tensors(gallery)
         return gallery.to(self._backend.device)
 
-    def _images(self, images: Images) -> ImageGallery:
-        return self._own(images) if isinstance(images, ImageGallery) else self.encode_images(images)
+    def _check_tensors(self, gallery: Gallery) -> None:
+        """The gallery's tensors are this model's encoder outputs: names, dtype, fixed dims."""
+        expected = self._gallery_tensors[gallery.kind]
+        model = f"this scorer's {self.artifacts.kind} encoder"
+        if set(gallery.items) != set(expected):
+            raise InputError(f"this {gallery.kind} gallery holds {sorted(gallery.items)}, {model} makes "
+                             f"{sorted(expected)}: it was encoded by another model; re-encode it"[:400])
+        for name, tensor in gallery.items.items():
+            dtype, dims = expected[name]
+            got = list(tensor.shape[1:])
+            if (str(tensor.dtype).removeprefix("torch.") != dtype or len(got) != len(dims)
+                    or any(isinstance(d, int) and d != g for d, g in zip(dims, got))):
+                raise InputError(f"this {gallery.kind} gallery's {name} is {str(tensor.dtype).removeprefix('torch.')} "
+                                 f"[n, {', '.join(map(str, got))}], {model} makes {dtype} [n, {', '.join(map(str, dims))}]: "
+                                 f"it was encoded by another model; re-encode it")
+        if isinstance(gallery, TextGallery):
+            if gallery.length_axes != self._length_axes:
+                raise InputError(f"this texts gallery's length axes {gallery.length_axes} are not {model}'s "
+                                 f"{self._length_axes}: it was encoded by another model; re-encode it"[:400])
+            longest = int(gallery.lengths.max())
+            if longest > self.max_length:
+                raise InputError(f"this texts gallery has captions of {longest} tokens, beyond this scorer's cap "
+                                 f"max_length={self.max_length}; load the scorer with a larger max_length= (up to what "
+                                 f"its backend takes) or re-encode the captions with this scorer")
 
-    def _texts(self, texts: Captions) -> TextGallery:
-        return self._own(texts) if isinstance(texts, TextGallery) else self.encode_texts(texts)
+    def _images(self, images: Images, role: str) -> ImageGallery:
+        if isinstance(images, Gallery):
+            return self._own(images, ImageGallery, role)  # type: ignore[return-value]
+        return self.encode_images(images)
+
+    def _texts(self, texts: Captions, role: str) -> TextGallery:
+        if isinstance(texts, Gallery):
+            return self._own(texts, TextGallery, role)  # type: ignore[return-value]
+        return self.encode_texts(texts)
 
     # -- scoring
-    def plan(self, images: ImageGallery, texts: TextGallery) -> Plan:
+    def plan(self, images: Images, texts: Captions) -> Plan:
         """How ``score`` cuts ``images`` x ``texts`` into launches (``bucketed=False``: captions in
         their given order, the baseline that length bucketing is measured against)."""
+        return self._plan(self._images(images, "plan(images, texts): images"),
+                          self._texts(texts, "plan(images, texts): texts"))
+
+    def _plan(self, images: ImageGallery, texts: TextGallery) -> Plan:
         return plan_blocks(len(images), texts.lengths.numpy(), self.artifacts.regions,
                            self.artifacts.config["embed_size"], self.block_budget, self._backend.limits, self.bucketed)
 
     def score(self, images: Images, texts: Captions, show_progress: bool = False) -> np.ndarray:
         """float32 scores ``[Ni, Nt]`` of every (image, caption) pair; galleries or raw inputs."""
-        image_gallery, text_gallery = self._images(images), self._texts(texts)
-        plan = self.plan(image_gallery, text_gallery)
+        return self._score(self._images(images, "score(images, texts): images"),
+                           self._texts(texts, "score(images, texts): texts"), show_progress)
+
+    def _score(self, image_gallery: ImageGallery, text_gallery: TextGallery, show_progress: bool = False) -> np.ndarray:
+        """``score`` of galleries this scorer already checked (``_own``)."""
+        plan = self._plan(image_gallery, text_gallery)
         out = np.empty((len(image_gallery), len(text_gallery)), dtype=np.float32)
         with self._lock, progress(show_progress) as bar:
             task = bar.add_task("score", total=plan.launches, info=f"{out.shape[0]}x{out.shape[1]} pairs")
@@ -225,21 +283,20 @@ class Scorer:
         return self._search(self._search_request(query, gallery, k))
 
     def _search_request(self, query: Images | Captions, gallery: Gallery, k: int) -> _Search:
+        k = positive_int(k, "k")
         if isinstance(gallery, ImageGallery):
-            encoded: Gallery = self._texts(query)  # type: ignore[arg-type]
+            encoded: Gallery = self._texts(query, "search's query against an ImageGallery")  # type: ignore[arg-type]
         elif isinstance(gallery, TextGallery):
-            encoded = self._images(query)  # type: ignore[arg-type]
+            encoded = self._images(query, "search's query against a TextGallery")  # type: ignore[arg-type]
         else:
-            raise InputError(f"search needs an ImageGallery or TextGallery to search, got {type(gallery).__name__}")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise InputError(f"k must be a positive integer, got {k!r}")
-        return _Search(encoded, self._own(gallery), int(k))
+            raise InputError(f"search needs an ImageGallery or TextGallery to search, got {_describe(gallery)}")
+        return _Search(encoded, self._own(gallery, Gallery, "search's gallery"), k)
 
     def _search(self, request: _Search) -> SearchResult:
         if isinstance(request.gallery, ImageGallery):
-            scores = self.score(request.gallery, request.query).T  # (queries, images)
+            scores = self._score(request.gallery, request.query).T  # type: ignore[arg-type]  # (queries, images)
         else:
-            scores = self.score(request.query, request.gallery)  # (queries, captions)
+            scores = self._score(request.query, request.gallery)  # type: ignore[arg-type]  # (queries, captions)
         return top_k(scores, request.k)
 
     def score_pairs(self, images: Images, texts: Captions, pairs: object) -> np.ndarray:
@@ -247,7 +304,8 @@ class Scorer:
         return self._score_pairs(self._pairs_request(images, texts, pairs))
 
     def _pairs_request(self, images: Images, texts: Captions, pairs: object) -> _Pairs:
-        image_gallery, text_gallery = self._images(images), self._texts(texts)
+        image_gallery = self._images(images, "score_pairs(images, texts, pairs): images")
+        text_gallery = self._texts(texts, "score_pairs(images, texts, pairs): texts")
         return _Pairs(image_gallery, text_gallery, check_pairs(pairs, len(image_gallery), len(text_gallery)))
 
     def _score_pairs(self, request: _Pairs) -> np.ndarray:
@@ -262,7 +320,7 @@ class Scorer:
             by_images.setdefault(tuple(np.unique(wanted).tolist()), []).append(caption)
         for wanted, caption_list in by_images.items():
             image_index, caption_index = np.asarray(wanted), np.asarray(caption_list)  # both ascending
-            sub = self.score(request.images.select(image_index), request.texts.select(caption_index))
+            sub = self._score(request.images.select(image_index), request.texts.select(caption_index))  # type: ignore[arg-type]
             mine = np.flatnonzero(np.isin(pairs[:, 1], caption_index))
             out[mine] = sub[np.searchsorted(image_index, pairs[mine, 0]), np.searchsorted(caption_index, pairs[mine, 1])]
         return out
@@ -346,7 +404,10 @@ def top_k(scores: np.ndarray, k: int) -> SearchResult:
 
 
 def check_pairs(pairs: object, n_images: int, n_captions: int) -> np.ndarray:
-    array = np.asarray(pairs)
+    try:
+        array = np.asarray(pairs)
+    except ValueError as e:  # ragged nested lists
+        raise InputError("pairs must be integer (image, caption) index pairs [n, 2], got ragged rows") from e
     if array.ndim != 2 or array.shape[1] != 2 or not np.issubdtype(array.dtype, np.integer):
         raise InputError(f"pairs must be integer (image, caption) index pairs [n, 2], got {array.dtype} {list(array.shape)}")
     if len(array) == 0:
@@ -357,6 +418,23 @@ def check_pairs(pairs: object, n_images: int, n_captions: int) -> np.ndarray:
         first = int(np.flatnonzero(bad_images | bad_captions)[0])
         raise InputError(f"pair {first} {array[first].tolist()} is out of range: {n_images} images, {n_captions} captions")
     return array.astype(np.int64)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, TextGallery):
+        return "a TextGallery (encoded captions)"
+    if isinstance(value, ImageGallery):
+        return "an ImageGallery (encoded images)"
+    return type(value).__name__
+
+
+def _check_options(block_budget: object, truncate: object, batcher: object) -> None:
+    if block_budget is not None:
+        positive_int(block_budget, "block_budget (floats of a block's largest intermediate)")
+    if not isinstance(truncate, bool):
+        raise InputError(f"truncate must be True or False, got {truncate!r}"[:200])
+    if batcher is not None and not isinstance(batcher, BatcherConfig):
+        raise InputError(f"batcher must be a BatcherConfig, got {type(batcher).__name__}")
 
 
 def _concat(galleries: list[Gallery]) -> Gallery:

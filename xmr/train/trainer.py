@@ -9,6 +9,7 @@ checkpoint is kept.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from xmr.config import config_to_dict, save_json
+from xmr.config import check_float, check_int, config_to_dict, save_json
 from xmr.data.precomp import PrecompSplit
+from xmr.device import resolve_device
+from xmr.errors import TrainingError
 from xmr.eval.evaluate import evaluate
 from xmr.models.base import RetrievalModel
 from xmr.models.checkpoint import save_checkpoint
+from xmr.outputs import check_output_dir
 from xmr.progress import console, progress
 
 BEST = "checkpoint.pt"
 LAST = "last.pt"
+LOG = "train_log.json"
 
 
 @dataclass
@@ -46,10 +51,19 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0: no limit); for smoke runs
 
     def __post_init__(self) -> None:
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (the loss needs negatives), got {self.batch_size}")
-        if self.epochs < 1 or self.learning_rate <= 0 or self.lr_update < 1 or self.warmup_epochs < 0:
-            raise ValueError("epochs and lr_update must be >= 1, learning_rate > 0 and warmup_epochs >= 0")
+        """Every field checked up front (``ConfigError`` naming it and its range; a CUDA
+        device this machine lacks: ``BackendUnavailableError``)."""
+        owner = type(self).__name__
+        check_int(owner, "epochs", self.epochs, 1)
+        check_int(owner, "batch_size", self.batch_size, 2)  # the loss needs negatives
+        check_float(owner, "learning_rate", self.learning_rate, 0.0, above=True)
+        check_int(owner, "lr_update", self.lr_update, 1)
+        check_float(owner, "lr_decay", self.lr_decay, 0.0, 1.0, above=True)
+        check_float(owner, "grad_clip", self.grad_clip, 0.0)
+        check_int(owner, "warmup_epochs", self.warmup_epochs, 0)
+        check_int(owner, "seed", self.seed, 0, 2**63 - 1)
+        check_int(owner, "max_steps", self.max_steps, 0)
+        resolve_device(self.device)
 
 
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:
@@ -65,13 +79,15 @@ def caption_batches(n_captions: int, batch_size: int, rng: np.random.Generator) 
 
 def train_step(model: RetrievalModel, optimizer: torch.optim.Optimizer, split: PrecompSplit,
                captions: np.ndarray, cfg: TrainConfig, hardest: bool = True) -> float:
-    device = torch.device(cfg.device)
+    """One optimizer step on the captions ``captions``; the loss, or ``FloatingPointError``
+    when it is not finite (``train`` turns that into a ``TrainingError`` saying where)."""
+    device = resolve_device(cfg.device)
     images = split.image_batch([split.image_of_caption(int(c)) for c in captions]).to(device)
     ids, lengths = split.caption_batch(captions)
     scores = model.similarity(images, ids.to(device), lengths.to(device))  # (B, B)
     loss = model.loss(scores, hardest)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"training diverged: loss is {float(loss)}; lower --lr")
+        raise FloatingPointError(f"loss is {float(loss.detach())}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
@@ -80,17 +96,56 @@ def train_step(model: RetrievalModel, optimizer: torch.optim.Optimizer, split: P
     return float(loss.detach())
 
 
+def is_run_directory(path: Path) -> bool:
+    """True when ``path`` holds the ``train_log.json`` that ``train`` writes before anything
+    else: a run directory, whose files a new run may replace (``check_output_dir`` accepts an
+    empty directory anyway)."""
+    try:
+        log = json.loads((path / LOG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(log, dict) and "train_config" in log and "epochs" in log
+
+
+def check_splits(model: RetrievalModel, train_split: PrecompSplit, dev_split: PrecompSplit | None,
+                 cfg: TrainConfig) -> None:
+    """The splits fit the model and the run: ``DataError``/``VocabError`` naming the split
+    whose features or vocabulary differ, ``TrainingError`` when a batch cannot be filled."""
+    train_split.check_fits(model.config)
+    if dev_split is not None:
+        dev_split.check_features(train_split.img_dim, train_split.regions, f"the train split {train_split.name}")
+        dev_split.check_fits(model.config)
+    if train_split.n_captions < cfg.batch_size:
+        raise TrainingError(f"{train_split.name}: {train_split.n_captions} captions, fewer than batch_size "
+                            f"{cfg.batch_size}; lower --batch-size (>= 2) or use a larger train split")
+
+
+def diverged(cause: FloatingPointError, step: int, epoch: int, cfg: TrainConfig, kept: Path | None) -> TrainingError:
+    """The error that stops a run whose loss is not finite: where, and what to try."""
+    saved = f"the best checkpoint so far is {kept}" if kept else "no epoch finished, nothing was saved"
+    return TrainingError(f"training diverged at step {step} (epoch {epoch}, lr {learning_rate(cfg, epoch - 1):g}): {cause}; "
+                         f"lower --lr (now {cfg.learning_rate:g}) or --grad-clip, or use more --warmup-epochs; {saved}")
+
+
 def train(model: RetrievalModel, train_split: PrecompSplit, dev_split: PrecompSplit | None,
-          cfg: TrainConfig, out_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
-    """Train ``model`` in place; writes ``checkpoint.pt`` (best dev rsum), ``last.pt`` and
-    ``train_log.json`` to ``out_dir``. Returns the log."""
+          cfg: TrainConfig, out_dir: str | Path, show_progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``model`` in place; writes ``train_log.json`` (first, then after every epoch),
+    ``checkpoint.pt`` (best dev rsum) and ``last.pt`` to ``out_dir``, each atomically.
+    Returns the log.
+
+    Checked before any step: ``out_dir`` can hold the run (``OutputError``: a file, not
+    writable, or a non-empty directory that is not a run directory, unless ``overwrite``), the splits fit the model and each other (``check_splits``). A loss that
+    is not finite stops the run with a ``TrainingError`` naming the step and epoch."""
     out = Path(out_dir)
+    check_splits(model, train_split, dev_split, cfg)
+    check_output_dir(out, is_run_directory, overwrite, "training output directory")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model.to(cfg.device)
+    model.to(resolve_device(cfg.device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     log: dict[str, Any] = {"train_config": config_to_dict(cfg), "model": model.kind, "epochs": []}
+    save_json(log, out / LOG)
     best_rsum, step, started = -1.0, 0, time.perf_counter()
     with progress(show_progress) as bar:
         for epoch in range(cfg.epochs):
@@ -101,7 +156,10 @@ def train(model: RetrievalModel, train_split: PrecompSplit, dev_split: PrecompSp
             model.train()
             losses = []
             for captions in batches:
-                losses.append(train_step(model, optimizer, train_split, captions, cfg, epoch >= cfg.warmup_epochs))
+                try:
+                    losses.append(train_step(model, optimizer, train_split, captions, cfg, epoch >= cfg.warmup_epochs))
+                except FloatingPointError as e:
+                    raise diverged(e, step + 1, epoch + 1, cfg, out / BEST if log["epochs"] else None) from e
                 step += 1
                 bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
                 if cfg.max_steps and step >= cfg.max_steps:
@@ -119,10 +177,11 @@ def train(model: RetrievalModel, train_split: PrecompSplit, dev_split: PrecompSp
                 best_rsum = rsum
                 save_checkpoint(model, out / BEST, metadata)
             save_checkpoint(model, out / LAST, metadata)
+            save_json(log, out / LOG)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
     log["best_dev_rsum"] = best_rsum
     log["seconds"] = time.perf_counter() - started
-    save_json(log, out / "train_log.json")
+    save_json(log, out / LOG)
     model.eval()
     return log

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from xmr.errors import BackendUnavailableError
+from xmr.errors import BackendUnavailableError, InputError
 from xmr.export.tensorrt import load_tensorrt
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import PRECISIONS, Backend, Prepared
@@ -14,7 +16,29 @@ from xmr.runtime.backends.torch_backend import TorchBackend
 
 BACKENDS = {"tensorrt": TensorRTBackend, "onnxruntime": OnnxRuntimeBackend, "torch": TorchBackend}
 
-__all__ = ["BACKENDS", "PRECISIONS", "Backend", "Prepared", "auto_candidates", "create_backend"]
+__all__ = ["BACKENDS", "PRECISIONS", "Backend", "Prepared", "auto_candidates", "create_backend", "check_device"]
+
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+def check_device(device: object, backend: str) -> str | None:
+    """``device`` as ``None``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a CUDA device must exist here."""
+    if device is None:
+        return None
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise InputError(f"unknown device {device!r}; choose from cpu, cuda, cuda:N (N: a GPU index), or leave it "
+                         f"unset (a GPU when there is one)")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(f"{backend} on {device}: no CUDA GPU is available here "
+                                          f"(torch.cuda.is_available() is False); use device='cpu' or leave it unset")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise BackendUnavailableError(f"{backend} on {device}: this machine has {torch.cuda.device_count()} "
+                                          f"CUDA GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def auto_candidates(artifacts: Artifacts, precision: str, device: str | None) -> list[str]:
@@ -39,8 +63,11 @@ def auto_candidates(artifacts: Artifacts, precision: str, device: str | None) ->
 
 
 def create_backend(artifacts: Artifacts, name: str, precision: str, device: str | None = None, **options) -> Backend:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if not isinstance(name, str) or name not in ("auto", *BACKENDS):
+        raise InputError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    device = check_device(device, name)
     if name == "auto":
         tried = []
         for candidate in auto_candidates(artifacts, precision, device):
@@ -48,9 +75,8 @@ def create_backend(artifacts: Artifacts, name: str, precision: str, device: str 
                 return _create(artifacts, candidate, precision, _auto_device(candidate, device), options)
             except BackendUnavailableError as e:
                 tried.append(str(e))
-        raise BackendUnavailableError(f"no backend can run {precision} here: " + ("; ".join(tried) or "none tried"))
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+        why = "; ".join(tried) or "it needs usable TensorRT engines or onnxruntime-gpu (torch: fp32/fp16 only)"
+        raise BackendUnavailableError(f"no backend can run {precision} on {device or 'this machine'}: {why}")
     return _create(artifacts, name, precision, device, options)
 
 

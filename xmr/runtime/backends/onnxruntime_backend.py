@@ -11,13 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from xmr.errors import BackendUnavailableError
+from xmr.errors import ArtifactError, BackendUnavailableError
 from xmr.eval.hardware import available_cores
 from xmr.eval.onnx_scoring import onnx_sessions
-from xmr.export.artifacts import manifest_specs
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import GraphBackend
+from xmr.runtime.inputs import positive_int
+
 
 def cuda_provider_available() -> bool:
     try:
@@ -44,11 +45,23 @@ class OnnxRuntimeBackend(GraphBackend):
                                           "onnxruntime on cuda needs onnxruntime-gpu (no CUDAExecutionProvider)")
         providers = ([("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
                      if self.device.type == "cuda" else ["CPUExecutionProvider"])
-        self.threads = threads or available_cores()
-        self.sessions = onnx_sessions({g: artifacts.graph(g, precision) for g in GRAPHS}, self.threads, providers)
+        self.threads = available_cores() if threads is None else positive_int(threads, "threads")
+        paths = {g: artifacts.graph(g, precision) for g in GRAPHS}
+        try:
+            self.sessions = onnx_sessions(paths, self.threads, providers)
+        except Exception as e:  # onnxruntime raises its own types for files it cannot read
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"onnxruntime cannot load the {precision} graphs of {artifacts.directory} ({first}); "
+                                f"re-export them") from e
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
-        self.specs = manifest_specs(artifacts.manifest)
+        self.specs = {g: artifacts.outputs(g) for g in GRAPHS}
+        for graph in GRAPHS:  # the graph files must be the graphs the manifest describes
+            manifest = artifacts.manifest["graphs"][graph]
+            for side, names in (("inputs", self.inputs[graph]), ("outputs", self.outputs[graph])):
+                if sorted(names) != sorted(t["name"] for t in manifest[side]):
+                    raise ArtifactError(f"{paths[graph]} has {side} {sorted(names)}, its manifest "
+                                        f"lists {sorted(t['name'] for t in manifest[side])}; re-export")
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feeds = {name: feeds[name] for name in self.inputs[graph]}
@@ -69,7 +82,7 @@ class OnnxRuntimeBackend(GraphBackend):
             feeds[name] = tensor  # keep alive until the run ends
             binding.bind_input(name, "cuda", device_id, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
         outputs = {}
-        for spec in self.specs[graph].outputs:
+        for spec in self.specs[graph]:
             shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
             outputs[spec.name] = torch.empty(shape, dtype=torch.float32, device=self.device)
             binding.bind_output(spec.name, "cuda", device_id, np.float32, shape, outputs[spec.name].data_ptr())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from xmr.errors import BackendUnavailableError
+from xmr.errors import ArtifactError, BackendUnavailableError
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.export.tensorrt import load_tensorrt, tensorrt_unavailable
 from xmr.runtime.artifacts import Artifacts
@@ -21,7 +21,7 @@ from xmr.runtime.schedule import Limits
 
 def engines_problem(artifacts: Artifacts, precision: str, trt: object | None) -> str | None:
     """Why the artifacts' engines cannot run here for ``precision``, or None if they can."""
-    engines = artifacts.manifest.get("engines", {})
+    engines = artifacts.manifest.get("engines") or {}
     if (unavailable := tensorrt_unavailable(trt)) is not None:
         return unavailable
     if not engines.get("built"):
@@ -38,11 +38,30 @@ def engines_problem(artifacts: Artifacts, precision: str, trt: object | None) ->
     return None
 
 
+def profile_limits(artifacts: Artifacts) -> Limits:
+    """Most images, captions and tokens the engines' optimisation profile takes (its max sizes)."""
+    profile = artifacts.manifest.get("profile")
+    profile = profile if isinstance(profile, dict) else {}
+    limits = []
+    for axis in (N_IMAGES, N_CAPTIONS, LENGTH):
+        sizes = profile.get(axis)
+        if sizes is None:
+            limits.append(None)
+        elif isinstance(sizes, list) and len(sizes) == 3 and all(isinstance(s, int) and s >= 1 for s in sizes):
+            limits.append(sizes[2])
+        else:
+            raise ArtifactError(f"{artifacts.directory}: manifest profile {axis!r} must be [min, opt, max] sizes >= 1, "
+                                f"got {sizes!r}; re-export"[:300])
+    return Limits(*limits)
+
+
 class TensorRTBackend(GraphBackend):
     name = "tensorrt"
 
     def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None) -> None:
         super().__init__(artifacts, precision)
+        if device is not None and torch.device(device).type != "cuda":
+            raise BackendUnavailableError(f"tensorrt runs on CUDA GPUs only, not {device}; use onnxruntime or torch there")
         trt = load_tensorrt("tensorrt")
         problem = engines_problem(artifacts, precision, trt)
         if problem is not None:
@@ -50,17 +69,15 @@ class TensorRTBackend(GraphBackend):
         self.trt = trt
         self.device = torch.device(device or "cuda")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        files = artifacts.manifest["engines"]["files"]
         self.engines = {}
         for graph in GRAPHS:
-            path = artifacts.checked({"file": files[graph][precision]}, f"{precision} {graph} engine")
+            path = artifacts.engine(graph, precision)  # {"file", "sha256"}, confined and checked like the graphs
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendUnavailableError(f"TensorRT could not deserialize {path.name}; re-export on this GPU")
             self.engines[graph] = engine
         self.contexts: dict[tuple[str, int], object] = {}
-        profile = artifacts.manifest.get("profile", {})
-        self.limits = Limits(*(profile[axis][2] if axis in profile else None for axis in (N_IMAGES, N_CAPTIONS, LENGTH)))
+        self.limits = profile_limits(artifacts)
 
     def _context(self, graph: str, stream: torch.cuda.Stream) -> object:
         key = (graph, stream.cuda_stream)

@@ -1,4 +1,7 @@
-"""The PyTorch model itself (the reference): fp32 on CPU or GPU, fp16 on GPU."""
+"""The PyTorch model itself (the reference): fp32 on CPU or GPU, fp16 on GPU.
+
+Encoder outputs are float32 whatever the precision, as the exported graphs' are, so a
+gallery is the same whichever backend encoded it; fp16 computes in float16 inside."""
 
 from __future__ import annotations
 
@@ -31,15 +34,15 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def encode_images(self, features: torch.Tensor) -> Prepared:
         prepared = self.model.prepare_images(self.model.encode_images(features.to(self.dtype)))
-        return {IMAGE_PREFIX + name: t for name, t in prepared.items()}
+        return {IMAGE_PREFIX + name: t.float() for name, t in prepared.items()}
 
     @torch.no_grad()
     def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
         prepared = self.model.prepare_texts(self.model.encode_texts(ids, lengths), lengths)
-        return {TEXT_PREFIX + name: t for name, t in prepared.items() if name != "lengths"}
+        return {TEXT_PREFIX + name: t.float() for name, t in prepared.items() if name != "lengths"}
 
     @torch.no_grad()
     def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
-        image_items = {name.removeprefix(IMAGE_PREFIX): t for name, t in images.items()}
-        text_items = {name.removeprefix(TEXT_PREFIX): t for name, t in texts.items()}
+        image_items = {name.removeprefix(IMAGE_PREFIX): t.to(self.dtype) for name, t in images.items()}
+        text_items = {name.removeprefix(TEXT_PREFIX): t.to(self.dtype) for name, t in texts.items()}
         return self.model.score_prepared(image_items, {**text_items, "lengths": lengths}).float()
