@@ -228,3 +228,28 @@ def test_sigkill_at_any_moment_leaves_the_old_or_the_new_artifacts(checkpoint, d
         assert found in (old, new), f"killed at {fraction:.0%} of the run: {found}"
         outcomes.append(found == new)
     assert not outcomes[0] and outcomes[-1]  # killed early: the old one; after the end: the new one
+
+
+def test_overwrite_replaces_xmrs_files_and_keeps_the_users(tmp_path):
+    """``--overwrite`` into a foreign directory, and re-writing xmr's own: the user's files stay."""
+    out = tmp_path / "synth"
+    out.mkdir()
+    (out / "README.txt").write_text("mine")
+    with pytest.raises(OutputError, match="did not write"):
+        write_synthetic(out, SynthConfig(n_train=4, n_dev=2, n_test=2, regions=3, img_dim=4))
+    write_synthetic(out, SynthConfig(n_train=4, n_dev=2, n_test=2, regions=3, img_dim=4), overwrite=True)
+    write_synthetic(out, SynthConfig(n_train=6, n_dev=2, n_test=2, regions=3, img_dim=4))  # its own: replaced
+    assert (out / "README.txt").read_text() == "mine" and len((out / "train_caps.txt").read_text().split("\n")) == 31
+
+
+def test_saving_a_gallery_keeps_what_the_user_put_beside_it(checkpoint, data, tmp_path):
+    from xmr.export.artifacts import export_artifacts
+    from xmr.runtime import Scorer
+
+    export_artifacts(checkpoint, tmp_path / "art", ("fp32",), engine=False)
+    with Scorer.load(tmp_path / "art", backend="onnxruntime") as scorer:
+        gallery = scorer.encode_texts(["a red car .", "a white dog ."])
+        gallery.save(tmp_path / "g")
+        (tmp_path / "g" / "notes.txt").write_text("mine")
+        scorer.encode_texts(["a cat ."]).save(tmp_path / "g")
+        assert (tmp_path / "g" / "notes.txt").read_text() == "mine" and len(scorer.load_gallery(tmp_path / "g")) == 1

@@ -196,6 +196,17 @@ def link_or_copy(source: Path, destination: Path) -> None:
         shutil.copy2(source, destination)
 
 
+def entries(directory: Path) -> set[str]:
+    """Names in ``directory`` (none if it is not a directory)."""
+    return {p.name for p in directory.iterdir()} if directory.is_dir() and not directory.is_symlink() else set()
+
+
+def keep_foreign(old: Path, staged: Path, owned: set[str]) -> None:
+    """Carry the entries of ``old`` that xmr did not write (not in ``owned``) and the new
+    version does not replace into ``staged``: replacing a directory never loses a user's files."""
+    carry_over(old, staged, entries(old) - owned - entries(staged))
+
+
 def carry_over(old: Path, staged: Path, names: set[str]) -> None:
     """Entries ``names`` of the directory ``old`` linked (or copied) into ``staged``, so a new
     version of a directory can keep files of the current one without touching it."""

@@ -27,7 +27,7 @@ import numpy as np
 from xmr.config import check_float, check_int, check_memory, config_to_dict, format_bytes, save_json
 from xmr.data.vocab import Vocabulary
 from xmr.errors import ConfigError, OutputError, VocabError
-from xmr.outputs import check_output_dir, staged_directory
+from xmr.outputs import check_output_dir, keep_foreign, staged_directory
 
 NOUNS = (
     "dog cat car horse bird boat truck bus umbrella bag guitar bench bicycle table lamp "
@@ -59,6 +59,7 @@ def synthetic_words() -> list[str]:
 CAPTION_BYTES = 120  # memory of one caption string in the list a split is built in (~45 bytes on disk)
 SYNTH_MAX_BYTES = 1 << 40  # a synthetic dataset larger than 1 TiB is a typo, whatever the machine
 CONFIG_FILE = "synth_config.json"
+SYNTH_FILES = {CONFIG_FILE, "vocab.json", *(f"{s}_{k}" for s in ("train", "dev", "test") for k in ("ims.npy", "caps.txt"))}
 
 
 @dataclass
@@ -233,4 +234,5 @@ def write_synthetic(out_dir: str | Path, cfg: SynthConfig | None = None, vocab: 
             del feats, captions
         vocabulary.save(staged / "vocab.json")
         save_json(config_to_dict(cfg), staged / CONFIG_FILE)
+        keep_foreign(out, staged, SYNTH_FILES if is_synthetic_dataset(out) else set())
     return out

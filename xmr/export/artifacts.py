@@ -25,7 +25,7 @@ from xmr.export.onnx_export import OPSET, TOLERANCES, export_model
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt, tensorrt_unavailable
 from xmr.models.checkpoint import load_checkpoint
-from xmr.outputs import carry_over, check_output_dir, staged_directory, write_text
+from xmr.outputs import check_output_dir, keep_foreign, staged_directory, write_text
 from xmr.paths import file_sha256, inside, require
 
 MANIFEST = "manifest.json"
@@ -223,10 +223,6 @@ def listed_files(manifest: dict[str, Any]) -> set[str]:
     return {n if isinstance(n, str) else repr(n) for n in graphs | singles | engines}
 
 
-def entries(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-
-
 def is_artifact_directory(directory: Path) -> bool:
     try:
         read_manifest(directory)
@@ -251,7 +247,5 @@ def install(out_dir: Path, work: Path, manifest: dict[str, Any], replaced: set[s
     over; so are xmr's own unless ``replaced`` is None (a new export replaces all of them) or
     names them (calibrate replaces its INT8 files). The manifest is written last. Nothing
     outside ``out_dir`` is read for this or touched."""
-    present = set(entries(out_dir))
-    keep = present - (owned_entries(out_dir) if replaced is None else replaced)
-    carry_over(out_dir, work, keep - set(entries(work)) - {MANIFEST})
+    keep_foreign(out_dir, work, {MANIFEST} | (owned_entries(out_dir) if replaced is None else replaced))
     write_manifest(work, manifest)

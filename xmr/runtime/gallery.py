@@ -29,7 +29,7 @@ import torch
 
 import xmr
 from xmr.errors import InputError, OutputError
-from xmr.outputs import check_output_dir, staged_directory
+from xmr.outputs import check_output_dir, keep_foreign, staged_directory
 from xmr.paths import checked_file, file_sha256, inside, require
 
 GALLERY = "gallery.json"
@@ -121,6 +121,7 @@ class Gallery:
                       "tensors": entries, "meta": self.meta}
             header["digest"] = _digest(header)
             (work / GALLERY).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
+            keep_foreign(path, work, _gallery_files(path))
         return path
 
     @staticmethod
@@ -179,6 +180,15 @@ def is_gallery(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(header, dict) and header.get("format") == FORMAT
+
+
+def _gallery_files(path: Path) -> set[str]:
+    """The entries a saved gallery at ``path`` consists of (none if it is not one)."""
+    if not is_gallery(path):
+        return set()
+    tensors = json.loads((path / GALLERY).read_text(encoding="utf-8")).get("tensors")
+    names = {e.get("file") for e in tensors.values() if isinstance(e, dict)} if isinstance(tensors, dict) else set()
+    return {GALLERY} | {n for n in names if isinstance(n, str)}
 
 
 def _output_path(path: object) -> Path:
