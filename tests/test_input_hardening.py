@@ -407,8 +407,8 @@ def test_write_synthetic_replaces_its_own_dataset_but_not_a_foreign_directory(tm
     (out / "synth_config.json").write_text(json.dumps({"version": 99}))  # not of this format: foreign
     with pytest.raises(OutputError, match="--overwrite"):
         write_synthetic(out, cfg)
-    write_synthetic(users, cfg, overwrite=True)
-    assert not (users / "notes.txt").exists() and (users / "vocab.json").is_file()
+    write_synthetic(users, cfg, overwrite=True)  # written beside the user's file, which stays
+    assert (users / "notes.txt").read_text() == "mine" and (users / "vocab.json").is_file()
     with pytest.raises(OutputError, match="is a file, not a directory"):
         write_synthetic(users / "vocab.json", cfg)
 

@@ -495,8 +495,8 @@ def test_save_never_replaces_a_directory_of_user_files(galleries, tmp_path):
     one_line_error(lambda: images.save(userdata), OutputError, "non-empty directory that xmr did not write")
     assert (userdata / "thesis.tex").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["userdata"]  # nothing staged left behind
-    images.save(userdata, overwrite=True)  # asked for explicitly
-    assert (userdata / GALLERY).is_file() and not (userdata / "thesis.tex").exists()
+    images.save(userdata, overwrite=True)  # asked for explicitly: written beside the user's file
+    assert (userdata / GALLERY).is_file() and (userdata / "thesis.tex").read_text() == "years of work"
 
 
 def test_save_refuses_the_working_directory_and_its_parents(galleries, tmp_path, monkeypatch):
