@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from xmr.data import Vocabulary, load_split
-from xmr.eval.metrics import recall_report
-from xmr.eval.onnx_scoring import OnnxPipeline, score_split
+from xmr.eval import recall_report, split_scores
+from xmr.runtime import Scorer
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     manifest = json.loads((args.artifacts / "manifest.json").read_text())
     split = load_split(args.data, args.split, Vocabulary.load(args.artifacts / manifest["vocab"]["file"]))
     precisions = list(manifest["graphs"]["pair_scorer"]["files"])
-    scores = {p: score_split(OnnxPipeline({g: args.artifacts / graph["files"][p]["file"] for g, graph in manifest["graphs"].items()}), split)
+    scores = {p: split_scores(Scorer.load(args.artifacts, backend="onnxruntime", precision=p, device="cpu"), split)
               for p in precisions}
     rows = {}
     for p in precisions:

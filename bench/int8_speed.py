@@ -34,11 +34,13 @@ from xmr.calibration.dataset import CalibrationConfig, build_calibration_set
 from xmr.calibration.fallback import Quantizer
 from xmr.data import SynthConfig, load_split, write_synthetic
 from xmr.data.synth import synth_vocabulary
-from xmr.eval.onnx_scoring import OnnxPipeline
+from xmr.export.artifacts import export_artifacts
 from xmr.export.graphs import GRAPHS
-from xmr.export.onnx_export import export_model
-from xmr.export.precision import graph_path
 from xmr.models import build_model, make_config
+from xmr.models.checkpoint import save_checkpoint
+from xmr.runtime import OnnxRuntimeBackend
+from xmr.runtime.artifacts import Artifacts
+from xmr.runtime.backends.onnxruntime_backend import onnx_sessions
 
 MODELS = {"imram-full": ("imram", {"mode": "full"}), "camp": ("camp", {})}
 REGIONS, IMG_DIM, LENGTH = 36, 2048, 14
@@ -79,13 +81,14 @@ def operator_shares(path: Path, feeds: dict[str, np.ndarray], threads: int, runs
     return {op: t / total for op, t in times.most_common()}
 
 
-def graph_feeds(pipeline: OnnxPipeline, vocab_size: int, n_images: int, n_captions: int) -> dict[str, tuple]:
+def graph_feeds(encoders: OnnxRuntimeBackend, vocab_size: int, n_images: int, n_captions: int) -> dict[str, tuple]:
     """(feeds, items) of each graph for one block; the pair scorer's come from the fp32 encoders."""
     g = np.random.default_rng(0)
     features = np.abs(g.standard_normal((n_images, REGIONS, IMG_DIM), dtype=np.float32))
     ids = g.integers(4, vocab_size, (n_captions, LENGTH))
     lengths = np.full(n_captions, LENGTH)
-    images, texts = pipeline.encode_images(features), pipeline.encode_texts(ids, lengths)
+    images = {n: t.numpy() for n, t in encoders.encode_images(torch.from_numpy(features)).items()}
+    texts = {n: t.numpy() for n, t in encoders.encode_texts(torch.from_numpy(ids), torch.from_numpy(lengths)).items()}
     return {"image_encoder": ({"features": features}, n_images),
             "text_encoder": ({"ids": ids, "lengths": lengths}, n_captions),
             "pair_scorer": ({**images, **texts, "lengths": lengths}, n_images * n_captions)}
@@ -95,22 +98,27 @@ def run_model(name: str, work: Path, data: Path, seconds: float, threads: int, p
     kind, fields = MODELS[name]
     torch.manual_seed(0)
     vocab = synth_vocabulary()
-    model = build_model(make_config(kind, vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=1024, word_dim=300, **fields))
+    model = build_model(make_config(kind, vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=1024, word_dim=300, **fields),
+                        vocab)
     out = work / name
-    export_model(model.eval(), out, regions=REGIONS)
-    fp32 = {g: graph_path(out, g, "fp32") for g in GRAPHS}
+    export_artifacts(save_checkpoint(model, work / f"{name}.pt", {"regions": REGIONS}), out, ("fp32",), engine=False)
+    artifacts = Artifacts.open(out)
+    fp32 = {g: artifacts.graph(g, "fp32") for g in GRAPHS}
+    encoders = OnnxRuntimeBackend(artifacts, "fp32", "cpu", threads=threads)
     config = CalibrationConfig(images=32)
-    calibration = build_calibration_set(load_split(data, "train", vocab), OnnxPipeline(fp32), config)
-    int8 = Quantizer(fp32, calibration, config, out).build(out / "int8")
-    sessions = {p: OnnxPipeline(paths, threads).sessions for p, paths in (("fp32", fp32), ("int8", int8))}
+    calibration = build_calibration_set(load_split(data, "train", vocab), encoders, config)
+    ranges = work / f"{name}-ranges"
+    ranges.mkdir()
+    int8 = Quantizer(fp32, calibration, config, ranges).build(work / f"{name}-int8")
+    sessions = {p: onnx_sessions(paths, threads) for p, paths in (("fp32", fp32), ("int8", int8))}
     rows = []
-    encoder_feeds = graph_feeds(OnnxPipeline(fp32, threads), len(vocab), 64, 128)
+    encoder_feeds = graph_feeds(encoders, len(vocab), 64, 128)
     for graph in ("image_encoder", "text_encoder"):
         feeds, items = encoder_feeds[graph]
         rows.append({"model": name, "graph": graph, "block": f"{items} {'images' if graph == 'image_encoder' else 'captions'}",
                      **{p: throughput(sessions[p][graph], feeds, items, seconds) for p in sessions}})
     for n_images, n_captions in PAIR_BLOCKS:
-        feeds, items = graph_feeds(OnnxPipeline(fp32, threads), len(vocab), n_images, n_captions)["pair_scorer"]
+        feeds, items = graph_feeds(encoders, len(vocab), n_images, n_captions)["pair_scorer"]
         rows.append({"model": name, "graph": "pair_scorer", "block": f"{n_images}x{n_captions} pairs",
                      **{p: throughput(sessions[p]["pair_scorer"], feeds, items, seconds) for p in sessions}})
         if profile and (n_images, n_captions) == PAIR_BLOCKS[0]:

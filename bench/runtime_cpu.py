@@ -10,7 +10,7 @@ images x captions matrix through ``Scorer`` with
 2. ``onnxruntime`` with bucketing off (captions in their given order, same block budget):
    padding efficiency (real tokens / computed tokens) and pairs per second.
 
-Inputs from ``xmr.eval.workload.random_inputs`` (as ``xmr serve-bench``): caption lengths
+Inputs from ``xmr.benchmark.workload.random_inputs`` (as ``xmr serve-bench``): caption lengths
 normal, mean 12.3 and sd 5 words (about Flickr30K's), clipped to [4, 40], plus <start>/<end>.
 
     python bench/runtime_cpu.py --json docs/results/runtime_cpu.json
@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.table import Table
 from results import write_results
 
+from xmr.benchmark.workload import random_inputs
 from xmr.data.synth import synth_vocabulary
-from xmr.eval.workload import random_inputs
 from xmr.export.artifacts import export_artifacts
 from xmr.models import build_model, make_config
 from xmr.models.checkpoint import save_checkpoint
@@ -66,8 +66,7 @@ def run_model(name: str, work: Path, n_images: int, n_captions: int, repeats: in
     features, captions = data.features, (data.ids, data.lengths)
     rows, reference = [], None
     for backend, bucketed in (("torch", True), ("onnxruntime", True), ("onnxruntime", False)):
-        with Scorer.load(artifacts, backend=backend, device="cpu") as scorer:
-            scorer.bucketed = bucketed
+        with Scorer.load(artifacts, backend=backend, device="cpu", bucketed=bucketed) as scorer:
             encode_images, images = timed(lambda: scorer.encode_images(features), 1)
             encode_texts, texts = timed(lambda: scorer.encode_texts(captions), 1)
             seconds, scores = timed(lambda: scorer.score(images, texts), repeats)

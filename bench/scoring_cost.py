@@ -4,8 +4,9 @@ fast form), in one run:
 1. analytic matmul FLOPs per pair for the authors' form, the direct form and the fast form,
    each checked here against torch's flop counter at these sizes;
 2. the extra per-item storage of the fast form's precomputations;
-3. measured CPU throughput of a full score matrix: ``score_matrix`` (fast form, blocks of
-   similar-length captions) against ``score_authors_style`` (a Python loop over captions,
+3. measured CPU throughput of a full score matrix: ``Scorer.score`` over the PyTorch model
+   (``TorchBackend.from_model``: the encoders with the fast form's per-item preparation, then
+   length-bucketed blocks of the pair stage) against ``score_authors_style`` (a Python loop over captions,
    each against every image, as the released evaluation code does), timed on a subset of
    captions and extrapolated linearly.
 
@@ -31,9 +32,9 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from xmr.eval.scoring import EncodedSplit, score_matrix
 from xmr.models import build_model, make_config
 from xmr.models.flops import FORMS, released_evaluation_flops, scoring_cost
+from xmr.runtime import Scorer, TorchBackend
 
 MODELS = {"imram-full": ("imram", {"mode": "full"}), "imram-text": ("imram", {"mode": "text"}),
           "imram-image": ("imram", {"mode": "image"}), "camp": ("camp", {})}
@@ -78,12 +79,13 @@ def caption_lengths(n: int, seed: int) -> torch.Tensor:
     return (torch.randn(n, generator=g) * 5 + 12.3).round().clamp(4, 40).long() + 2
 
 
-def gallery(n_images: int, n_captions: int, seed: int = 0) -> EncodedSplit:
+def inputs(model, n_images: int, n_captions: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random region features, token ids (0-padded) and lengths."""
     g = torch.Generator().manual_seed(seed)
     lengths = caption_lengths(n_captions, seed)
-    words = torch.randn(n_captions, int(lengths.max()), DIM, generator=g)
-    words = words * (torch.arange(words.size(1))[None, :, None] < lengths[:, None, None])
-    return EncodedSplit(torch.randn(n_images, REGIONS, DIM, generator=g), words, lengths)
+    ids = torch.randint(4, model.config.vocab_size, (n_captions, int(lengths.max())), generator=g)
+    ids[torch.arange(ids.size(1))[None, :] >= lengths[:, None]] = 0
+    return torch.randn(n_images, REGIONS, model.config.img_dim, generator=g), ids, lengths
 
 
 def fast_matrix_flops(model, lengths: torch.Tensor, n_images: int) -> int:
@@ -97,21 +99,23 @@ def authors_matrix_flops(model, lengths: torch.Tensor, n_images: int) -> int:
 
 
 def throughput(model, n_images: int, n_captions: int, authors_captions: int) -> dict[str, float]:
-    data = gallery(n_images, n_captions)
+    features, ids, lengths = inputs(model, n_images, n_captions)
     started = time.perf_counter()
-    score_matrix(model, data)
+    Scorer(TorchBackend.from_model(model, REGIONS)).score(features, (ids, lengths))
     fast_seconds = time.perf_counter() - started
-    subset = data.lengths[:authors_captions]
+    subset = lengths[:authors_captions]
     with torch.no_grad():
-        model.score_authors_style(data.img_emb, data.cap_emb[:1], data.lengths[:1])  # warm-up
+        img_emb = model.encode_images(features)
+        cap_emb = model.encode_texts(ids[:authors_captions, : int(subset.max())], subset)
+        model.score_authors_style(img_emb, cap_emb[:1], subset[:1])  # warm-up
         started = time.perf_counter()
-        model.score_authors_style(data.img_emb, data.cap_emb[:authors_captions], subset)
+        model.score_authors_style(img_emb, cap_emb, subset)
         authors_seconds = time.perf_counter() - started
     fast_rate, authors_rate = n_images * n_captions / fast_seconds, n_images * authors_captions / authors_seconds
     return {"images": n_images, "captions": n_captions, "authors_captions_timed": authors_captions,
             "fast_seconds": fast_seconds, "authors_seconds_extrapolated": n_images * n_captions / authors_rate,
             "fast_pairs_per_s": fast_rate, "authors_pairs_per_s": authors_rate, "speedup": fast_rate / authors_rate,
-            "fast_gflops_per_s": fast_matrix_flops(model, data.lengths, n_images) / fast_seconds / 1e9,
+            "fast_gflops_per_s": fast_matrix_flops(model, lengths, n_images) / fast_seconds / 1e9,
             "authors_gflops_per_s": authors_matrix_flops(model, subset, n_images) / authors_seconds / 1e9}
 
 

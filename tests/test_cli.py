@@ -1,16 +1,46 @@
-"""The xmr command line end to end on tiny data: synth -> train -> eval, import, errors."""
+"""The xmr command line end to end on tiny data: synth -> train -> eval, import, errors; the
+library calls behind it (``xmr.train.defaults``)."""
 
+import hashlib
 import json
+import re
 
 import pytest
 
 from conftest import FIXTURES, invoke, shared_vocab_path
 
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
+TINY_SYNTH = {"n_train": 20, "n_dev": 4, "n_test": 4, "img_dim": 8, "regions": 4}
+TINY_TRAIN = {"embed_size": 8, "word_dim": 8}
+
 
 def test_every_command_has_help():
-    for command in ([], ["data", "synth"], ["train"], ["eval"], ["import-checkpoint"], ["export"]):
+    for command in ([], ["data", "synth"], ["train"], ["eval"], ["import-checkpoint"], ["export"], ["calibrate"],
+                    ["serve-bench"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_model_choices_come_from_the_registry():
+    from xmr.models import cross_attention_models, list_models
+    from xmr.models.authors import AUTHORS_STATES
+
+    assert cross_attention_models() == ["camp", "imram"] and list_models() == ["camp", "imram", "dual"]
+    for command, kinds in (("train", list_models()), ("export", cross_attention_models()),
+                           ("calibrate", cross_attention_models()), ("serve-bench", cross_attention_models()),
+                           ("import-checkpoint", list(AUTHORS_STATES))):
+        result = invoke(command, "--model", "bogus")
+        assert result.exit_code == 2, result.output
+        assert f"'bogus' is not one of {', '.join(map(repr, kinds))}." in result.stderr, (command, result.stderr)
+
+
+def _table_row(output: str) -> list[str]:
+    """The cells of the one all-numeric row of the table ``xmr eval`` printed."""
+    rows = [cells for line in output.splitlines()
+            if (cells := [c.strip() for c in line.strip().strip("│┃").split("│")]) and len(cells) == len(METRIC_KEYS)
+            and all(re.fullmatch(r"-?\d+\.\d", c) for c in cells)]
+    assert len(rows) == 1, output
+    return rows[0]
 
 
 @pytest.mark.parametrize("model", ["camp", "imram", "dual"])
@@ -23,10 +53,21 @@ def test_synth_train_eval(tmp_path, model):
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert len(log["epochs"]) == 2 and log["epochs"][1]["steps"] == 12
     out = tmp_path / "metrics.json"
-    result = invoke("eval", tmp_path / "run" / "checkpoint.pt", "--data", data, "--json", out)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    result = invoke("eval", checkpoint, "--data", data, "--json", out)
     assert result.exit_code == 0, result.output
-    metrics = json.loads(out.read_text())["metrics"]
-    assert 0 <= metrics["rsum"] <= 600 and metrics["i2t_r10"] >= metrics["i2t_r1"]
+    written = json.loads(out.read_text())
+    assert {k: written[k] for k in ("format", "checkpoint", "split", "fold5")} == {
+        "format": "xmr-eval", "checkpoint": str(checkpoint), "split": "test", "fold5": False}
+    from xmr.data import load_split
+    from xmr.eval import evaluate
+    from xmr.models import load_checkpoint
+
+    net = load_checkpoint(checkpoint)
+    expected = evaluate(net, load_split(data, "test", net.vocab), show_progress=False).report.to_dict()
+    assert net.kind == model and written["metrics"] == pytest.approx(expected, abs=1e-9)
+    assert expected["rsum"] == pytest.approx(sum(expected[k] for k in METRIC_KEYS[:6]))
+    assert _table_row(result.output) == [f"{expected[k]:.1f}" for k in METRIC_KEYS]
 
 
 def test_import_checkpoint_then_eval_needs_no_authors_code(tmp_path):
@@ -51,3 +92,63 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch, args,
     result = invoke(*args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def _mtimes(*directories):
+    return {p: p.stat().st_mtime_ns for d in directories for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_ensure_checkpoint_and_artifacts_make_only_what_is_missing(tmp_path, monkeypatch):
+    """README's defaults (data/synth, runs/MODEL, artifacts/MODEL) made on first use, then reused as they are."""
+    from xmr.data import SynthConfig
+    from xmr.models import load_checkpoint
+    from xmr.train import TrainConfig
+    from xmr.train.defaults import ensure_artifacts, ensure_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    tiny = {"synth": SynthConfig(**TINY_SYNTH), **TINY_TRAIN,
+            "config": TrainConfig(epochs=1, warmup_epochs=1, batch_size=16), "show_progress": False}
+    checkpoint = ensure_checkpoint("imram", **tiny)
+    assert checkpoint == tmp_path.joinpath("runs", "imram", "checkpoint.pt").relative_to(tmp_path)
+    net = load_checkpoint(checkpoint)
+    assert net.kind == "imram" and net.config.embed_size == 8 and net.config.img_dim == 8
+    assert json.loads((tmp_path / "data" / "synth" / "synth_config.json").read_text())["n_train"] == 20
+    made = _mtimes(tmp_path / "data", tmp_path / "runs")
+    assert ensure_checkpoint("imram", **tiny) == checkpoint  # there: no data written, no training
+    assert _mtimes(tmp_path / "data", tmp_path / "runs") == made
+
+    artifacts = ensure_artifacts("imram", show_progress=False)  # exports runs/imram/checkpoint.pt, trains nothing
+    assert artifacts == tmp_path.joinpath("artifacts", "imram").relative_to(tmp_path)
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    assert manifest["model"] == "imram" and manifest["source_checkpoint"]["sha256"] == _sha256(checkpoint)
+    assert manifest["regions"] == TINY_SYNTH["regions"]
+    assert _mtimes(tmp_path / "data", tmp_path / "runs") == made
+    exported = _mtimes(artifacts)
+    assert ensure_artifacts("imram", checkpoint=tmp_path / "elsewhere.pt", show_progress=False) == artifacts
+    assert _mtimes(artifacts) == exported  # a manifest is there: nothing exported (the checkpoint is not even read)
+
+    # and the commands use them: `xmr export` without --checkpoint takes runs/imram/checkpoint.pt as it is
+    result = invoke("export", "--model", "imram", "-o", tmp_path / "again", "--precision", "fp32", "--no-engine")
+    assert result.exit_code == 0, result.output
+    assert "no checkpoint" not in result.output and _mtimes(tmp_path / "data", tmp_path / "runs") == made
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["source_checkpoint"]["sha256"] == _sha256(checkpoint)
+
+
+def test_ensure_checkpoint_trains_on_given_data_into_given_run(tmp_path):
+    from xmr.data import SynthConfig, write_synthetic
+    from xmr.train import TrainConfig
+    from xmr.train.defaults import ensure_checkpoint
+
+    data = write_synthetic(tmp_path / "data", SynthConfig(**TINY_SYNTH, seed=3))
+    written = _mtimes(data)
+    checkpoint = ensure_checkpoint("camp", data, tmp_path / "run", synth=SynthConfig(n_train=998), **TINY_TRAIN,
+                                   config=TrainConfig(epochs=1, warmup_epochs=1, batch_size=16, max_steps=1),
+                                   show_progress=False)
+    assert checkpoint == tmp_path / "run" / "checkpoint.pt" and checkpoint.is_file()
+    assert _mtimes(data) == written  # a dataset was there: used, not rewritten with ``synth``
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["model"] == "camp" and log["train_config"]["max_steps"] == 1

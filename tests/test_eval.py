@@ -4,9 +4,9 @@ import torch
 
 from xmr.data import Vocabulary, load_split
 from xmr.errors import ShapeError
-from xmr.eval import encode_split, evaluate, recall_report, score_matrix
-from xmr.eval.scoring import block_shape
+from xmr.eval import evaluate, model_scorer, recall_report, split_scores
 from xmr.models import build_model, make_config
+from xmr.runtime import Scorer, TorchBackend
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +18,30 @@ def model_and_split(tiny_synth):
     return model.eval(), split
 
 
-def test_blocked_scores_equal_one_big_call(model_and_split):
+def test_eval_scores_are_the_models_own_whatever_the_blocks(model_and_split):
+    """``xmr eval`` scores through the runtime's planner: one pair per launch or the default
+    blocks, the scores are the model's ``similarity`` of the whole split."""
     model, split = model_and_split
-    encoded = encode_split(model, split, batch_size=7, show_progress=False)
-    tiny_blocks = score_matrix(model, encoded, show_progress=False, budget=1)  # one pair per block
+    ids, lengths = split.caption_batch(range(split.n_captions))
     with torch.no_grad():
-        direct = model.score(encoded.img_emb, encoded.cap_emb, encoded.lengths).numpy()
+        direct = model.similarity(split.image_batch(range(split.n_images)), ids, lengths).numpy()
+    tiny_blocks = split_scores(Scorer(TorchBackend.from_model(model, split.regions), block_budget=1), split)
     np.testing.assert_allclose(tiny_blocks, direct, atol=1e-5)
+    np.testing.assert_allclose(evaluate(model, split, show_progress=False).scores, direct, atol=1e-5)
     assert tiny_blocks.shape == (10, 50)
 
 
-def test_block_shape_respects_budget():
-    images, captions = block_shape(1000, 5000, tokens=36 + 20, dim=1024, budget=1 << 26)
-    assert images * captions * 56 * 2048 <= 1 << 26 and images >= 1 and captions >= 1
+def test_eval_of_a_model_equals_the_scorer_on_its_exported_artifacts(model_and_split, tmp_path):
+    """Same path: ``xmr eval``'s scores and ``Scorer.score`` on the exported fp32 graphs agree to 1e-5."""
+    from xmr.export.artifacts import export_artifacts
+    from xmr.models import save_checkpoint
+
+    model, split = model_and_split
+    checkpoint = save_checkpoint(model, tmp_path / "m.pt", {"regions": split.regions})
+    export_artifacts(checkpoint, tmp_path / "art", ("fp32",), engine=False)
+    exported = split_scores(Scorer.load(tmp_path / "art", backend="onnxruntime"), split)
+    np.testing.assert_allclose(exported, evaluate(model, split, show_progress=False).scores, atol=1e-5, rtol=0)
+    assert model_scorer(model, split).backend == "torch"
 
 
 def test_fold5_scores_each_fold_against_its_own_captions(model_and_split):

@@ -60,6 +60,42 @@ def test_specs_name_dynamic_axes():
     assert [t.name for t in scorer.outputs] == ["scores"]
 
 
+def _f32(name, *shape):
+    return name, "float32", list(shape)
+
+
+# What graph_specs gave before models declared their prepared tensors (it then prepared zeros
+# at two sizes to find the dynamic axes), for tiny_model (D = 16, img_dim 12) and R = 5.
+I, C, L = "n_images", "n_captions", "length"
+CAMP_IO = ([_f32("image_regions", I, 5, 16), _f32("image_cross", I, 5, 16), _f32("image_self_scores", I, 5, 5),
+            _f32("image_fuse_self", I, 5, 16), _f32("image_fuse_message", I, 5, 16)],
+           [_f32("text_words", C, L, 16), _f32("text_cross", C, L, 16), _f32("text_self_scores", C, L, L),
+            _f32("text_fuse_self", C, L, 16), _f32("text_fuse_message", C, L, 16)])
+T2I_IO = ([_f32("image_t2i_context_part", I, 5, 32)], [_f32("text_t2i_query_part", C, L, 32)])
+I2T_IO = ([_f32("image_i2t_query_part", I, 5, 32)], [_f32("text_i2t_context_part", C, L, 32)])
+DUAL_IO = ([_f32("image_regions", I, 5, 16)], [_f32("text_words", C, L, 16)])
+GRAPH_IO_BEFORE = {
+    ("camp", None): CAMP_IO,
+    ("imram", "full"): (DUAL_IO[0] + T2I_IO[0] + I2T_IO[0], DUAL_IO[1] + T2I_IO[1] + I2T_IO[1]),
+    ("imram", "text"): (DUAL_IO[0] + T2I_IO[0], DUAL_IO[1] + T2I_IO[1]),
+    ("imram", "image"): (DUAL_IO[0] + I2T_IO[0], DUAL_IO[1] + I2T_IO[1]),
+    ("dual", None): DUAL_IO,
+}
+
+
+@pytest.mark.parametrize("kind, fields", MODEL_VARIANTS)
+def test_graph_specs_are_unchanged(kind, fields):
+    """Every graph's inputs and outputs (names, order, dtypes, shapes) as before the declared spec."""
+    images, texts = GRAPH_IO_BEFORE[kind, fields.get("mode")]
+    lengths = ("lengths", "int64", [C])
+    expected = {"image_encoder": ([_f32("features", I, 5, 12)], images),
+                "text_encoder": ([("ids", "int64", [C, L]), lengths], texts),
+                "pair_scorer": ([*images, *texts, lengths], [_f32("scores", I, C)])}
+    specs = graph_specs(tiny_model(kind, **fields), REGIONS)
+    assert {name: ([(t.name, t.dtype, t.shape) for t in spec.inputs], [(t.name, t.dtype, t.shape) for t in spec.outputs])
+            for name, spec in specs.items()} == expected
+
+
 def test_control_flow_is_found_in_subgraphs_too():
     then = helper.make_graph([helper.make_node("Loop", ["n", "c"], ["y"])], "then", [], [])
     node = helper.make_node("If", ["cond"], ["out"], then_branch=then, else_branch=then)

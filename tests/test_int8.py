@@ -18,7 +18,10 @@ from xmr.calibration.quantize import QUANTIZED_OPS, quantizable_nodes, quantized
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.errors import CalibrationError
 from xmr.eval.metrics import rank_agreement, recall_report, spearman_rows
-from xmr.eval.onnx_scoring import OnnxPipeline, score_split
+from xmr.calibration.fallback import graph_scorer
+from xmr.eval import split_scores
+from xmr.runtime import OnnxRuntimeBackend
+from xmr.runtime.artifacts import Artifacts
 from xmr.export.artifacts import export_artifacts
 from xmr.export.graphs import GRAPHS
 from xmr.models import build_model, make_config, save_checkpoint
@@ -115,7 +118,7 @@ def test_int8_graphs_run_in_onnx_runtime_and_the_report_figures_are_what_they_cl
     assert list(report["rows"]) == ["fp32", "fp16", "int8"] and report["split"] == "test"
     split = load_split(data, "test", Vocabulary.load(calibrated / "vocab.json"))
     paths = {p: {g: calibrated / manifest["graphs"][g]["files"][p]["file"] for g in GRAPHS} for p in ("fp32", "int8")}
-    scores = {p: score_split(OnnxPipeline(paths[p]), split) for p in paths}
+    scores = {p: split_scores(graph_scorer(Artifacts.open(calibrated), paths[p], p), split) for p in paths}
     int8 = report["rows"]["int8"]
     assert int8["rsum"] == pytest.approx(recall_report(scores["int8"], split.per_image).rsum)
     assert int8["delta_rsum"] == pytest.approx(int8["rsum"] - recall_report(scores["fp32"], split.per_image).rsum)
@@ -155,7 +158,7 @@ def test_methods_give_different_scales(exported, data, tmp_path):
     scales = {}
     for method in ("minmax", "percentile", "entropy"):
         config = CalibrationConfig(**{**SMALL.__dict__, "method": method, "percentile": 99.0})
-        calibration = build_calibration_set(split, OnnxPipeline(fp32), config)
+        calibration = build_calibration_set(split, OnnxRuntimeBackend(Artifacts.open(exported), "fp32", "cpu"), config)
         from xmr.calibration.fallback import Quantizer
 
         paths = Quantizer(fp32, calibration, config, tmp_path / method).build(tmp_path / method)

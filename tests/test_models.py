@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from xmr.errors import CheckpointError, ConfigError, ShapeError
-from xmr.models import load_checkpoint, make_config, save_checkpoint
+from xmr.models import build_model, load_checkpoint, make_config, save_checkpoint
+from xmr.models.base import ITEMS, LENGTH, REGIONS
+from xmr.models.config import IMRAM_MODES
 from xmr.models.reference import reference_scores
 from xmr.models.registry import MODELS
 from conftest import MODEL_VARIANTS, random_batch, tiny_model
@@ -13,6 +15,28 @@ from conftest import MODEL_VARIANTS, random_batch, tiny_model
 def test_every_registered_model_is_covered():
     missing = set(MODELS) - {kind for kind, _ in MODEL_VARIANTS}
     assert not missing, f"Missing models: {missing}"
+    missing_modes = set(IMRAM_MODES) - {fields.get("mode") for kind, fields in MODEL_VARIANTS if kind == "imram"}
+    assert not missing_modes, f"Missing IMRAM modes: {missing_modes}"
+
+
+@pytest.mark.parametrize("kind, fields", MODEL_VARIANTS)
+@pytest.mark.parametrize("embed_size", [16, 10])
+def test_prepared_spec_is_what_prepare_returns(kind, fields, embed_size):
+    """Names, order and every shape of ``prepare_*`` as ``prepared_spec`` declares them, for
+    sizes that differ on every axis (so an axis declared fixed that varies fails, and back)."""
+    torch.manual_seed(0)
+    model = build_model(make_config(kind, vocab_size=50, word_dim=8, embed_size=embed_size, img_dim=12, **fields))
+    spec = model.prepared_spec()
+    for n_images, regions, n_captions, length in [(2, 3, 5, 7), (4, 9, 1, 11), (1, 1, 3, 1)]:
+        with torch.no_grad():
+            images = model.prepare_images(torch.randn(n_images, regions, embed_size))
+            texts = model.prepare_texts(torch.randn(n_captions, length, embed_size), torch.full((n_captions,), length))
+        assert list(images) == [t.name for t in spec.images]
+        assert [n for n in texts if n != "lengths"] == [t.name for t in spec.texts] and "lengths" in texts
+        for t in spec.images:  # an image's tensors never have a caption length, nor a caption's regions
+            assert images[t.name].shape == tuple({ITEMS: n_images, REGIONS: regions}.get(a, a) for a in t.axes), t
+        for t in spec.texts:
+            assert texts[t.name].shape == tuple({ITEMS: n_captions, LENGTH: length}.get(a, a) for a in t.axes), t
 
 
 @pytest.mark.parametrize("kind, fields", MODEL_VARIANTS)

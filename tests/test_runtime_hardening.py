@@ -27,7 +27,9 @@ from xmr.errors import ArtifactError, BackendUnavailableError, InputError, Outpu
 from xmr.export.artifacts import export_artifacts
 from xmr.models import build_model, make_config
 from xmr.models.checkpoint import save_checkpoint
-from xmr.runtime import BatcherConfig, Gallery, ImageGallery, InputWarning, Scorer, TextGallery
+from xmr.runtime import (
+    BatchedScorer, BatcherConfig, Gallery, ImageGallery, InputWarning, OnnxRuntimeBackend, Scorer, TextGallery,
+)
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.gallery import GALLERY, _digest
 from xmr.runtime.inputs import DEFAULT_MAX_LENGTH, caption_cap
@@ -537,7 +539,8 @@ def test_a_reloaded_gallery_can_be_saved_over_itself(saved, camp, split):
 # -- the public API: every bad argument is one clear error
 
 
-def _api_cases(scorer: Scorer, images: ImageGallery, texts: TextGallery, features: np.ndarray, artifacts: Path):
+def _api_cases(scorer: Scorer, front: BatchedScorer, images: ImageGallery, texts: TextGallery, features: np.ndarray,
+               artifacts: Path):
     captions = ["a dog on the grass", "two cats"]
     ids, lengths = np.array([[1, 5, 2], [1, 6, 2]]), np.array([3, 3])
     load = lambda **kw: (lambda: Scorer.load(artifacts, **kw))  # noqa: E731
@@ -555,7 +558,7 @@ def _api_cases(scorer: Scorer, images: ImageGallery, texts: TextGallery, feature
          "got a TextGallery"),
         ("encode_images(TextGallery)", lambda: scorer.encode_images(texts), InputError, "got a TextGallery"),
         ("encode_texts(ImageGallery)", lambda: scorer.encode_texts(images), InputError, "got an ImageGallery"),
-        ("submit(ImageGallery, ImageGallery)", lambda: scorer.submit(images, images), InputError, "got an ImageGallery"),
+        ("submit(ImageGallery, ImageGallery)", lambda: front.submit(images, images), InputError, "got an ImageGallery"),
         ("plan(texts, images)", lambda: scorer.plan(texts, images),
          InputError, "got a TextGallery"),
         # features
@@ -621,14 +624,16 @@ def _api_cases(scorer: Scorer, images: ImageGallery, texts: TextGallery, feature
         *[(f"max_length={v!r}", load(max_length=v), InputError, "max_length") for v in (0, -1, 2, 2.5, "10", True)],
         *[(f"block_budget={v!r}", load(block_budget=v), InputError, "block_budget") for v in (0, -5, 1.5)],
         *[(f"threads={v!r}", load(threads=v), InputError, "threads") for v in (0, -1, "2")],
-        ("Scorer(...) with max_length=0", lambda: Scorer(scorer.artifacts, scorer._backend, max_length=0),
-         InputError, "max_length"),
+        ("Scorer(...) with max_length=0", lambda: Scorer(OnnxRuntimeBackend(Artifacts.open(artifacts), "fp32"),
+                                                         max_length=0), InputError, "max_length"),
+        ("Scorer of a path", lambda: Scorer(artifacts), InputError, "needs a Backend"),
         ("truncate='no'", load(truncate="no"), InputError, "truncate"),
-        ("batcher='fast'", load(batcher="fast"), InputError, "BatcherConfig"),
-        ("batcher max_batch='8'", load(batcher=BatcherConfig(max_batch="8")), InputError, "max_batch"),
-        ("batcher_config set to a dict", lambda: setattr(scorer, "batcher_config", {"max_batch": 8}), InputError,
+        ("bucketed='yes'", load(bucketed="yes"), InputError, "bucketed"),
+        ("BatchedScorer config 'fast'", lambda: BatchedScorer(scorer, "fast"), InputError, "BatcherConfig"),
+        ("batcher max_batch='8'", lambda: BatchedScorer(scorer, BatcherConfig(max_batch="8")), InputError, "max_batch"),
+        ("front config set to a dict", lambda: setattr(front, "config", {"max_batch": 8}), InputError,
          "BatcherConfig"),
-        ("batcher_config with max_queue=0", lambda: setattr(scorer, "batcher_config", BatcherConfig(max_queue=0)),
+        ("front config with max_queue=0", lambda: setattr(front, "config", BatcherConfig(max_queue=0)),
          InputError, "max_queue"),
         ("verify='yes'", load(verify="yes"), InputError, "verify"),
         ("unknown backend", load(backend="jax"), InputError, "unknown backend 'jax'; choose from auto"),
@@ -640,7 +645,7 @@ def _api_cases(scorer: Scorer, images: ImageGallery, texts: TextGallery, feature
         # k, pairs, indices
         *[(f"k={v!r}", lambda v=v: scorer.search(captions, images, k=v), InputError, "k must be a positive integer")
           for v in (True, 2.0, 0, -1, None, "3")],
-        ("submit with k=0", lambda: scorer.submit(captions, images, k=0), InputError, "k must be"),
+        ("submit with k=0", lambda: front.submit(captions, images, k=0), InputError, "k must be"),
         ("float pairs", lambda: scorer.score_pairs(images, texts, [[0.5, 1.0]]), InputError, "integer"),
         ("negative pair", lambda: scorer.score_pairs(images, texts, [[-1, 0]]), InputError, "out of range"),
         ("pair beyond the gallery", lambda: scorer.score_pairs(images, texts, [[0, 99]]), InputError, "out of range"),
@@ -648,7 +653,7 @@ def _api_cases(scorer: Scorer, images: ImageGallery, texts: TextGallery, feature
         ("bool pairs", lambda: scorer.score_pairs(images, texts, [[True, False]]), InputError, "integer"),
         ("pairs None", lambda: scorer.score_pairs(images, texts, None), InputError, "integer"),
         ("no pairs", lambda: scorer.score_pairs(images, texts, np.zeros((0, 2), int)), InputError, "no pairs"),
-        ("submit_pairs out of range", lambda: scorer.submit_pairs(images, texts, [[9, 9]]), InputError,
+        ("submit_pairs out of range", lambda: front.submit_pairs(images, texts, [[9, 9]]), InputError,
          "out of range"),
         ("select([])", lambda: images.select([]), InputError, "at least one item"),
         ("select out of range", lambda: texts.select([99]), InputError, "out of range"),
@@ -665,7 +670,8 @@ def _api_cases(scorer: Scorer, images: ImageGallery, texts: TextGallery, feature
 
 @pytest.fixture(scope="module")
 def api_cases(scorer, galleries, split, root):
-    return _api_cases(scorer, *galleries, np.asarray(split.features[:2]), root / "imram")
+    with BatchedScorer(scorer) as front:
+        yield _api_cases(scorer, front, *galleries, np.asarray(split.features[:2]), root / "imram")
 
 
 def test_every_bad_api_argument_is_one_clear_error(api_cases):
@@ -701,7 +707,7 @@ def test_cuda_without_a_gpu_says_so_for_auto_and_named_backends(root):
     for backend in ("auto", "onnxruntime", "torch"):
         message = one_line_error(lambda: Scorer.load(root / "imram", backend=backend, device="cuda"),
                                  BackendUnavailableError, "no CUDA GPU is available here")
-        assert "none tried" not in message and "device='cpu'" in message
+        assert "none tried" not in message and "use device cpu" in message
 
 
 # -- the default caption-length cap

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import time
 
 import numpy as np
 import pytest
 import torch
 
+import xmr.benchmark.hardware as hardware
+from xmr.benchmark.hardware import UtilisationMonitor, cpu_hardware
+from xmr.benchmark.offline_bench import OfflineConfig
+from xmr.benchmark.online_bench import OnlineConfig, percentiles, stats_delta
+from xmr.benchmark.serve_bench import PLOT, ServeBenchConfig, run_serve_bench, write_report
+from xmr.benchmark.serve_report import plot_report
+from xmr.benchmark.workload import MAX_WORDS, MIN_WORDS, caption_lengths, random_inputs
 from xmr.calibration.accuracy import accuracy
 from xmr.calibration.calibrate import calibrate_artifacts
 from xmr.calibration.dataset import CalibrationConfig
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
-from xmr.eval.hardware import cpu_hardware
-from xmr.eval.offline_bench import OfflineConfig
-from xmr.eval.online_bench import OnlineConfig, percentiles
-from xmr.eval.serve_bench import PLOT, ServeBenchConfig, run_serve_bench, write_report
-from xmr.eval.serve_report import plot_report
-from xmr.eval.workload import MAX_WORDS, MIN_WORDS, caption_lengths, random_inputs
 from xmr.export.artifacts import export_artifacts
 from xmr.models import build_model, make_config
 from xmr.models.checkpoint import save_checkpoint
 from xmr.runtime import Scorer
+from xmr.runtime.batcher import BatcherStats
 
 from conftest import invoke
 
@@ -81,7 +86,11 @@ def test_throughput_figures_are_the_timed_work_over_the_timed_seconds(report):
         assert row["flops_per_second"] == pytest.approx(flops)
         if peaks[row["precision"]]:
             assert row["fraction_of_peak"] == pytest.approx(flops / peaks[row["precision"]])
-        assert row["peak_process_bytes"] > 0 and 0 < row["padding_efficiency"] <= 1
+        assert 0 < row["padding_efficiency"] <= 1
+        # sampled RSS while the row ran: above what torch alone takes, never above the process's peak so far
+        assert 100 * 2**20 < row["peak_process_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        assert 0 < row["cpu_utilisation"] <= 1.05, row  # of the cores this process may use
+    assert report["hardware"]["cores"] == len(os.sched_getaffinity(0))
 
 
 def test_accuracy_columns_are_the_rows_own_scores_against_pytorch_fp32(report, setup):
@@ -112,7 +121,12 @@ def test_online_results_cover_the_sweeps_with_consistent_counters(report):
         assert r["completed"] >= 1 and r["qps"] == pytest.approx(r["completed"] / r["seconds"])
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert r["requests"] == r["completed"] and sum(r["batch_size_histogram"].values()) == r["batches"]
-        assert r["failed"] == 0 and 0 <= r["cpu_utilisation"]
+        assert r["failed"] == 0 and r["rejected"] == r["rejected_at_submit"] == 0
+        assert r["mean_batch_size"] == pytest.approx(r["requests"] / r["batches"])
+        # a request's latency covers its wait in the queue; the single worker computes no longer than the setting ran
+        assert 0 <= r["mean_queue_ms"] <= r["mean_ms"]
+        assert r["mean_compute_ms_per_batch"] * r["batches"] <= 1e3 * r["seconds"]
+        assert 0 < r["cpu_utilisation"] <= 1.05, r  # the scorer was busy all along, on the cores it may use
 
 
 def test_report_is_written_as_json_and_plotted(report, tmp_path):
@@ -131,7 +145,50 @@ def test_percentiles_and_workload_shapes():
     assert lengths.min() == MIN_WORDS + 2 and lengths.max() <= MAX_WORDS + 2 and 13 < lengths.mean() < 15
     inputs = random_inputs(3, 7, regions=4, img_dim=5, vocab_size=30)
     assert inputs.features.shape == (3, 4, 5) and (inputs.ids[:, 0] == 1).all()
-    assert (inputs.ids[np.arange(7), inputs.lengths - 1] == 2).all() and cpu_hardware().cores >= 1
+    assert (inputs.ids[np.arange(7), inputs.lengths - 1] == 2).all()
+
+
+def test_online_counters_are_the_batchers_change_over_the_setting():
+    before = BatcherStats(requests=3, batches=2, batch_sizes={1: 1, 2: 1}, queue_seconds=0.5, compute_seconds=0.2,
+                          failed=1, rejected=4)
+    after = BatcherStats(requests=9, batches=5, batch_sizes={1: 2, 2: 3, 4: 1}, queue_seconds=0.8,
+                         compute_seconds=0.5, failed=1, rejected=6)
+    delta = stats_delta(before, after)
+    assert delta["requests"] == 6 and delta["batches"] == 3 and delta["failed"] == 0 and delta["rejected"] == 2
+    assert delta["batch_size_histogram"] == {"1": 1, "2": 2, "4": 1} and delta["mean_batch_size"] == 2.0
+    assert delta["mean_queue_ms"] == pytest.approx(1e3 * 0.3 / 6)  # the waits recorded in the setting, per request
+    assert delta["mean_compute_ms_per_batch"] == pytest.approx(1e3 * 0.3 / 3)
+    assert stats_delta(after, after)["mean_queue_ms"] is None
+
+
+def test_cpu_peak_is_cores_times_clock_times_vector_width(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_hardware().cores == cores
+    info = {"model name": "Test CPU", "cpu MHz": "2600.0", "flags": "fma avx2 avx512f avx512_vnni"}
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: info)
+    cpu = cpu_hardware()
+    assert (cpu.name, cpu.cores) == ("Test CPU", cores)
+    assert cpu.peak_flops == {"fp32": cores * 2.6e9 * 64, "fp16": cores * 2.6e9 * 64, "int8": cores * 2.6e9 * 256}
+    info["flags"] = "fma avx2"
+    assert cpu_hardware().peak_flops["int8"] == cpu_hardware().peak_flops["fp32"] == cores * 2.6e9 * 32
+    del info["cpu MHz"]
+    assert cpu_hardware().peak_flops == {"fp32": None, "fp16": None, "int8": None}
+
+
+def test_cpu_utilisation_is_process_cpu_time_over_wall_time_and_cores():
+    """One thread kept busy for 0.3 s: the monitor's figure is that thread's CPU time over the
+    wall time and the cores (a little more for the sampler thread)."""
+    cores, outer = len(os.sched_getaffinity(0)), time.perf_counter()
+    with UtilisationMonitor("cpu", interval=0.01) as util:
+        start, busy = time.perf_counter(), time.thread_time()
+        while time.perf_counter() - start < 0.3:
+            pass
+        busy = time.thread_time() - busy
+    outer = time.perf_counter() - outer
+    assert 0.3 <= util.seconds <= outer
+    process_cpu = util.cpu * util.seconds * cores  # os.times() ticks are 10 ms
+    assert busy - 0.02 <= process_cpu <= busy + 0.05 + 0.1 * util.seconds, (process_cpu, busy)
+    assert 0 < util.cpu <= 1.05 and util.peak_rss_bytes > 100 * 2**20 and util.gpu is None
 
 
 def test_cli_runs_and_refuses_a_model_mismatch(setup, tmp_path):

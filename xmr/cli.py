@@ -1,5 +1,10 @@
 """The ``xmr`` command line: thin wrappers over the library, one function per command.
 
+Each command parses its options, builds the configs, calls one library function with the same
+parameter names (``xmr.train.defaults``: ``train_model``, ``evaluate_checkpoint``,
+``export_checkpoint``, ``calibrate_model``; ``write_synthetic``, ``convert_authors_checkpoint``,
+``run_serve_bench``) and prints what it returned. Model choices come from the registry.
+
 Errors users cause (``XmrError``, missing files, unwritable outputs, bad options) print one
 line, ``error: ...``, on stderr and exit with status 2; Ctrl-C prints ``interrupted`` and
 exits 130. Anything else is a bug and keeps its traceback (``XMR_DEBUG=1`` shows it for
@@ -15,48 +20,49 @@ import sys
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
 from typer._click import exceptions as click_errors
 
+from xmr.calibration.dataset import METHODS, CalibrationConfig
+from xmr.calibration.report import REPORT
+from xmr.data import SynthConfig, Vocabulary, write_synthetic
 from xmr.errors import XmrError
+from xmr.export.tensorrt import BuildOptions, ProfileShapes
+from xmr.models.authors import AUTHORS_STATES, convert_authors_checkpoint
+from xmr.models.config import IMRAM_MODES
+from xmr.models.registry import cross_attention_models, list_models
 from xmr.progress import console
+from xmr.train import TrainConfig
+from xmr.train.defaults import (
+    DEFAULT_DATA, SIZES, artifact_directory, calibrate_model, evaluate_checkpoint, export_checkpoint, train_model,
+)
 
 app = typer.Typer(help="Fast inference runtime for cross-attention text-image retrieval (CAMP, IMRAM).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Datasets in the SCAN precomp format.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-# Model sizes: "small" trains on the synthetic set in minutes on a CPU; "paper" is the released size.
-SIZES = {"small": {"embed_size": 64, "word_dim": 64}, "paper": {"embed_size": 1024, "word_dim": 300}}
 # OSErrors a user causes (a path, a full or read-only disk): one line, like XmrError
 USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
                errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.ELOOP, errno.EXDEV, errno.EFBIG}
 OVERWRITE_HELP = "Replace what is at the output path even if xmr did not write it."
 
 
-class ModelKind(str, Enum):
-    camp = "camp"
-    imram = "imram"
-    dual = "dual"
+def _choices(name: str, values: Sequence[str]) -> type[Enum]:
+    """An option's choices as the str Enum Typer takes, from the library's own list."""
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
-class CrossAttentionModel(str, Enum):
-    camp = "camp"
-    imram = "imram"
-
-
-class ImramMode(str, Enum):
-    full = "full"
-    text = "text"
-    image = "image"
-
-
-class Size(str, Enum):
-    small = "small"
-    paper = "paper"
+# Choices come from the library: a newly registered model (or size, method) appears here by itself.
+ModelKind = _choices("ModelKind", list_models())  # every registered model (train)
+CrossAttentionModel = _choices("CrossAttentionModel", cross_attention_models())  # export, calibrate, serve-bench
+AuthorsModel = _choices("AuthorsModel", list(AUTHORS_STATES))  # import-checkpoint: the authors' code it reads
+ImramMode = _choices("ImramMode", sorted(IMRAM_MODES, key=lambda m: m != "full"))  # the default first
+Size = _choices("Size", list(SIZES))
+CalibrationMethodName = _choices("CalibrationMethodName", METHODS)
 
 
 def one_line(message: object) -> str:
@@ -104,7 +110,7 @@ def run(argv: Sequence[str]) -> int:
 
 @data_app.command("synth")
 def data_synth(
-    out: Path = typer.Option(Path("data/synth"), "--out", "-o", help="Directory to write the dataset to."),
+    out: Path = typer.Option(DEFAULT_DATA, "--out", "-o", help="Directory to write the dataset to."),
     n_train: int = typer.Option(2000, help="Training images (5 captions each)."),
     n_dev: int = typer.Option(200, help="Dev images."),
     n_test: int = typer.Option(500, help="Test images."),
@@ -118,30 +124,22 @@ def data_synth(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Write a synthetic dataset (train/dev/test) where cross-attention matters."""
-    from xmr.data import SynthConfig, Vocabulary, write_synthetic
-
     cfg = SynthConfig(n_train=n_train, n_dev=n_dev, n_test=n_test, regions=regions, objects=objects,
                       img_dim=img_dim, noise=noise, scale=scale, seed=seed)
     write_synthetic(out, cfg, Vocabulary.load(vocab) if vocab else None, overwrite=overwrite)
     console.print(f"wrote synthetic dataset to {out}")
 
 
-def _load_vocab(data: Path, vocab: Optional[Path]):
-    from xmr.data import Vocabulary, find_vocab
-
-    return Vocabulary.load(vocab or find_vocab(data))
-
-
 @app.command()
 def train(
     model: ModelKind = typer.Option(..., "--model", "-m", help="Model to train."),
-    data: Path = typer.Option(Path("data/synth"), help="Precomp data directory (train and dev splits)."),
+    data: Path = typer.Option(DEFAULT_DATA, help="Precomp data directory (train and dev splits)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: runs/MODEL]."),
     vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON [default: the one in --data]."),
-    size: Size = typer.Option(Size.small, help="small: D=64, word_dim=64; paper: D=1024, word_dim=300."),
+    size: Size = typer.Option(Size("small"), help="small: D=64, word_dim=64; paper: D=1024, word_dim=300."),
     embed_size: Optional[int] = typer.Option(None, help="Joint embedding size D (overrides --size)."),
     word_dim: Optional[int] = typer.Option(None, help="Word embedding size (overrides --size)."),
-    mode: ImramMode = typer.Option(ImramMode.full, help="IMRAM matching mode."),
+    mode: ImramMode = typer.Option(ImramMode("full"), help="IMRAM matching mode."),
     steps: int = typer.Option(3, help="IMRAM matching steps K."),
     epochs: int = typer.Option(4, help="Training epochs."),
     batch_size: int = typer.Option(64, help="Captions per batch."),
@@ -155,25 +153,11 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Train CAMP, IMRAM or the dual-encoder baseline; keeps the best dev-rsum checkpoint."""
-    from xmr.data import load_split
-    from xmr.models import build_model, make_config
-    from xmr.outputs import check_output_dir
-    from xmr.train import TrainConfig, is_run_directory, train as run_training
-
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, lr_update=lr_update,
-                      grad_clip=grad_clip, warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps)
-    out = out or Path("runs") / model.value
-    check_output_dir(out, is_run_directory, overwrite, "run directory")
-    vocabulary = _load_vocab(data, vocab)
-    train_split = load_split(data, "train", vocabulary)
-    dev_split = load_split(data, "dev", vocabulary)
-    dims = {**SIZES[size.value], **({"embed_size": embed_size} if embed_size is not None else {}),
-            **({"word_dim": word_dim} if word_dim is not None else {})}
-    extra = {"mode": mode.value, "steps": steps} if model is ModelKind.imram else {}
-    config = make_config(model.value, vocab_size=len(vocabulary), img_dim=train_split.img_dim, **dims, **extra)
-    net = build_model(config, vocabulary)
-    log = run_training(net, train_split, dev_split, cfg, out, overwrite=overwrite)
-    console.print(f"best dev rsum {log['best_dev_rsum']:.1f}; checkpoint: {out / 'checkpoint.pt'}")
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, lr_update=lr_update,
+                         grad_clip=grad_clip, warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps)
+    run = train_model(model.value, data=data, out=out, vocab=vocab, size=size.value, embed_size=embed_size,
+                      word_dim=word_dim, mode=mode.value, steps=steps, config=config, overwrite=overwrite)
+    console.print(f"best dev rsum {run.log['best_dev_rsum']:.1f}; checkpoint: {run.checkpoint}")
 
 
 def _report_table(title: str, metrics: dict[str, float]) -> Table:
@@ -188,7 +172,7 @@ def _report_table(title: str, metrics: dict[str, float]) -> Table:
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="xmr checkpoint (from `xmr train` or `xmr import-checkpoint`)."),
-    data: Path = typer.Option(Path("data/synth"), help="Precomp data directory."),
+    data: Path = typer.Option(DEFAULT_DATA, help="Precomp data directory."),
     split: str = typer.Option("test", help="Split: train, dev, test or testall."),
     fold5: bool = typer.Option(False, help="COCO 1K protocol: mean over 5 folds of 1000 images."),
     vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON [default: the checkpoint's]."),
@@ -197,130 +181,42 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Recall@1/5/10 both ways, rsum, medr and meanr of a checkpoint on a split."""
-    from xmr.config import save_json
-    from xmr.data import Vocabulary, load_split
-    from xmr.errors import CheckpointError
-    from xmr.eval import EVAL_FORMAT, evaluate, is_eval_json
-    from xmr.models import load_checkpoint
-    from xmr.outputs import check_output_file
-
-    if json_out is not None:
-        check_output_file(json_out, is_eval_json, overwrite, "--json")
-    net = load_checkpoint(checkpoint, map_location=device)
-    vocabulary = Vocabulary.load(vocab) if vocab else net.vocab
-    if vocabulary is None:
-        raise CheckpointError(f"{checkpoint} holds no vocabulary; pass --vocab")
-    result = evaluate(net, load_split(data, split, vocabulary), fold5=fold5)
-    console.print(_report_table(f"{net.kind} on {data}/{split}{' (5-fold 1K)' if fold5 else ''}", result.report.to_dict()))
-    if json_out is not None:
-        save_json({"format": EVAL_FORMAT, "checkpoint": str(checkpoint), "split": split, "fold5": fold5,
-                   **result.to_dict()}, json_out)
+    measured = evaluate_checkpoint(checkpoint, data=data, split=split, fold5=fold5, vocab=vocab, device=device,
+                                   json_out=json_out, overwrite=overwrite)
+    console.print(_report_table(f"{measured.kind} on {data}/{split}{' (5-fold 1K)' if fold5 else ''}",
+                                measured.result.report.to_dict()))
 
 
 @app.command("import-checkpoint")
 def import_checkpoint(
     path: Path = typer.Argument(..., help="Checkpoint saved by the authors' CAMP or IMRAM training code."),
-    model: CrossAttentionModel = typer.Option(..., "--model", "-m", help="Which authors' code saved it."),
+    model: AuthorsModel = typer.Option(..., "--model", "-m", help="Which authors' code saved it."),
     vocab: Path = typer.Option(..., help="The SCAN vocabulary JSON it was trained with."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the xmr checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Convert an authors' checkpoint to an xmr checkpoint (no authors' code, easydict or GPU needed)."""
-    from xmr.data import Vocabulary
-    from xmr.models import save_checkpoint
-    from xmr.models.authors import check_output_is_not_input, import_authors_checkpoint
-    from xmr.models.checkpoint import is_checkpoint_file
-    from xmr.outputs import check_output_file
-    from xmr.paths import file_sha256
-
-    check_output_is_not_input(path, out)
-    check_output_file(out, is_checkpoint_file, overwrite, "output checkpoint")
-    net = import_authors_checkpoint(path, model.value, Vocabulary.load(vocab))
-    metadata = {"imported_from": str(path), "source_sha256": file_sha256(path), **net.authors_metadata}
-    save_checkpoint(net, out, metadata)
+    net = convert_authors_checkpoint(path, model.value, vocab=vocab, out=out, overwrite=overwrite)
     console.print(f"wrote {out}: {net.kind} {json.dumps(vars(net.config))}", highlight=False)
 
 
-def _default_checkpoint(model: str) -> Path:
-    """README's checkpoint for ``model`` (``runs/MODEL/checkpoint.pt``), trained on the default
-    synthetic data (written first if missing) when it does not exist yet."""
-    checkpoint = Path("runs") / model / "checkpoint.pt"
-    if checkpoint.is_file():
-        return checkpoint
-    console.print(f"no checkpoint at {checkpoint}: training {model} on the default synthetic data "
-                  f"(as `xmr data synth && xmr train --model {model}`; a few minutes on a CPU)")
-    if not (Path("data/synth") / "vocab.json").is_file():
-        app(["data", "synth"], standalone_mode=False)  # the commands' own defaults
-    app(["train", "--model", model], standalone_mode=False)
-    return checkpoint
-
-
-@app.command("export")
-def export_command(
-    model: CrossAttentionModel = typer.Option(..., "--model", "-m", help="Model to export."),
-    checkpoint: Optional[Path] = typer.Option(None, help="xmr checkpoint [default: runs/MODEL/checkpoint.pt, "
-                                                          "trained on the synthetic data first if missing]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory [default: artifacts/MODEL]."),
-    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16, int8 (fp32 is always "
-                                                    "written; int8 runs `xmr calibrate` with its defaults)."),
-    data: Path = typer.Option(Path("data/synth"), help="Precomp data for int8 calibration."),
-    engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
-                                          help="Build TensorRT engines [default: when TensorRT and a GPU are present]."),
-    regions: Optional[int] = typer.Option(None, help="Regions per image R [default: the checkpoint's training data, else 36]."),
-    max_images: int = typer.Option(64, help="TensorRT profile: most images per block."),
-    max_captions: int = typer.Option(256, help="TensorRT profile: most captions per block."),
-    max_length: int = typer.Option(64, help="TensorRT profile: longest caption in tokens."),
-    opset: int = typer.Option(18, help="ONNX opset (18 is parsed by TensorRT 10 and 11)."),
-    workspace_gib: float = typer.Option(4.0, help="TensorRT builder workspace limit, GiB."),
-    optimization_level: int = typer.Option(3, help="TensorRT builder optimisation level (0-5)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-) -> None:
-    """Export a CAMP or IMRAM checkpoint to ONNX (image encoder, text encoder, pair scorer),
-    check every graph against PyTorch, and build TensorRT engines where possible."""
-    from xmr.errors import ExportError
-    from xmr.export.artifacts import check_export_options, export_artifacts, is_artifact_directory
-    from xmr.export.tensorrt import BuildOptions, ProfileShapes
-    from xmr.outputs import check_output_dir
-
-    precisions = _names(precision) or ()
-    unknown = set(precisions) - {"fp32", "fp16", "int8"}
-    if unknown:
-        raise ExportError(f"unknown precision {', '.join(sorted(unknown))}; choose from fp32, fp16, int8")
-    out = out or Path("artifacts") / model.value
-    profile = ProfileShapes.up_to(max_images, max_captions, max_length)
-    build = BuildOptions.from_gib(workspace_gib, optimization_level)
-    check_export_options(regions, opset)
-    check_output_dir(out, is_artifact_directory, overwrite, "artifact directory")  # before any training
-    path = checkpoint or _default_checkpoint(model.value)
-    with console.status(f"exporting {model.value} from {path}"):
-        manifest = export_artifacts(path, out, ("fp32", *(p for p in precisions if p != "int8")), regions, opset,
-                                    engine, profile, build, expected_model=model.value, overwrite=overwrite)
+def _print_export(manifest: dict, out: Path) -> None:
     for name, graph in manifest["graphs"].items():
         for p, entry in graph["files"].items():
-            worst = max(entry["max_abs_diff_vs_torch_fp32"].values())
-            console.print(f"{name:14} {p}: {out / entry['file']}  max |diff| vs PyTorch {worst:.2g}")
+            if "max_abs_diff_vs_torch_fp32" in entry:  # int8 entries are checked by calibration, below
+                worst = max(entry["max_abs_diff_vs_torch_fp32"].values())
+                console.print(f"{name:14} {p}: {out / entry['file']}  max |diff| vs PyTorch {worst:.2g}")
     engines = manifest["engines"]
     console.print("TensorRT engines: " + (f"built for {engines['gpu']}" if engines["built"]
                                           else f"skipped ({engines['reason']})"))
-    if "int8" in precisions:
-        from xmr.calibration.calibrate import DEFAULT_TARGET
-        from xmr.calibration.dataset import CalibrationConfig
-
-        run_calibration(out, data, CalibrationConfig(), DEFAULT_TARGET, "dev", 100, "test", False, engine,
-                        model.value)
-    console.print(f"manifest: {out / 'manifest.json'}")
 
 
-class CalibrationMethodName(str, Enum):
-    minmax = "minmax"
-    entropy = "entropy"
-    percentile = "percentile"
-
-
-def _print_int8_report(report_dir: Path) -> None:
-    from xmr.calibration.report import REPORT
-
-    path = report_dir / f"{REPORT}.json"
+def _print_int8(manifest: dict, artifacts: Path) -> None:
+    """The INT8 graphs of ``manifest`` and the accuracy report beside it."""
+    for graph, entry in manifest["int8"]["nodes"].items():
+        console.print(f"{graph:14} int8: {artifacts / manifest['graphs'][graph]['files']['int8']['file']}  "
+                      f"{len(entry['quantized'])} matmuls in INT8, {len(entry['fallback'])} kept in float32")
+    path = artifacts / f"{REPORT}.json"
     if not path.is_file():
         return
     report = json.loads(path.read_text())
@@ -335,19 +231,39 @@ def _print_int8_report(report_dir: Path) -> None:
     console.print(report["verdict"], highlight=False)
 
 
-def run_calibration(artifacts: Path, data: Path, config: Any, accuracy_target: float, eval_split: str,
-                    eval_images: int, report_split: str, sensitivity: bool, engine: Optional[bool], model: str) -> dict:
-    from xmr.calibration.calibrate import calibrate_artifacts
-
-    manifest = calibrate_artifacts(artifacts, data, config, accuracy_target, eval_split, eval_images,
-                                   None if report_split == "none" else report_split, sensitivity, engine,
-                                   expected_model=model)
-    nodes = manifest["int8"]["nodes"]
-    for graph, entry in nodes.items():
-        console.print(f"{graph:14} int8: {artifacts / manifest['graphs'][graph]['files']['int8']['file']}  "
-                      f"{len(entry['quantized'])} matmuls in INT8, {len(entry['fallback'])} kept in float32")
-    _print_int8_report(artifacts)
-    return manifest
+@app.command("export")
+def export_command(
+    model: CrossAttentionModel = typer.Option(..., "--model", "-m", help="Model to export."),
+    checkpoint: Optional[Path] = typer.Option(None, help="xmr checkpoint [default: runs/MODEL/checkpoint.pt, "
+                                                          "trained on the synthetic data first if missing]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory [default: artifacts/MODEL]."),
+    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16, int8 (fp32 is always "
+                                                    "written; int8 runs `xmr calibrate` with its defaults)."),
+    data: Path = typer.Option(DEFAULT_DATA, help="Precomp data for int8 calibration."),
+    engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
+                                          help="Build TensorRT engines [default: when TensorRT and a GPU are present]."),
+    regions: Optional[int] = typer.Option(None, help="Regions per image R [default: the checkpoint's training data, else 36]."),
+    max_images: int = typer.Option(64, help="TensorRT profile: most images per block."),
+    max_captions: int = typer.Option(256, help="TensorRT profile: most captions per block."),
+    max_length: int = typer.Option(64, help="TensorRT profile: longest caption in tokens."),
+    opset: int = typer.Option(18, help="ONNX opset (18 is parsed by TensorRT 10 and 11)."),
+    workspace_gib: float = typer.Option(4.0, help="TensorRT builder workspace limit, GiB."),
+    optimization_level: int = typer.Option(3, help="TensorRT builder optimisation level (0-5)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+) -> None:
+    """Export a CAMP or IMRAM checkpoint to ONNX (image encoder, text encoder, pair scorer),
+    check every graph against PyTorch, and build TensorRT engines where possible."""
+    out = out or artifact_directory(model.value)
+    profile = ProfileShapes.up_to(max_images, max_captions, max_length)
+    build = BuildOptions.from_gib(workspace_gib, optimization_level)
+    precisions = _names(precision) or ()
+    manifest = export_checkpoint(model.value, checkpoint=checkpoint, out=out, precision=precisions, data=data,
+                                 engine=engine, regions=regions, opset=opset, profile=profile, build=build,
+                                 overwrite=overwrite)
+    _print_export(manifest, out)
+    if "int8" in precisions:
+        _print_int8(manifest, out)
+    console.print(f"manifest: {out / 'manifest.json'}")
 
 
 @app.command("calibrate")
@@ -356,10 +272,10 @@ def calibrate_command(
     artifacts: Optional[Path] = typer.Option(None, help="Artifact directory [default: artifacts/MODEL, exported first if missing]."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to export when there are no artifacts yet "
                                                           "[default: runs/MODEL/checkpoint.pt]."),
-    data: Path = typer.Option(Path("data/synth"), help="Precomp data directory (calibration, evaluation and report splits)."),
+    data: Path = typer.Option(DEFAULT_DATA, help="Precomp data directory (calibration, evaluation and report splits)."),
     split: str = typer.Option("train", "--split", help="Calibration split: train or dev (never test)."),
     images: int = typer.Option(128, "--calibration-images", help="Images sampled for calibration (with all their captions)."),
-    method: CalibrationMethodName = typer.Option(CalibrationMethodName.minmax, help="How activation ranges are chosen."),
+    method: CalibrationMethodName = typer.Option(CalibrationMethodName("minmax"), help="How activation ranges are chosen."),
     percentile: float = typer.Option(99.999, help="Percentile of |activation| kept (--method percentile)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     accuracy_target: float = typer.Option(0.99, help="Fraction of fp32 to keep on the evaluation split: rsum and mean "
@@ -373,21 +289,18 @@ def calibrate_command(
                                           help="Build INT8 TensorRT engines [default: when TensorRT and a GPU are present]."),
 ) -> None:
     """INT8 graphs (explicit Q/DQ) calibrated on real data, with an accuracy report against fp32/fp16."""
-    from xmr.calibration.dataset import CalibrationConfig
-
-    artifacts = artifacts or Path("artifacts") / model.value
-    if not (artifacts / "manifest.json").is_file():
-        console.print(f"no artifacts in {artifacts}: exporting {model.value} first")
-        app(["export", "--model", model.value, "--out", str(artifacts), "--data", str(data),
-             *(["--checkpoint", str(checkpoint)] if checkpoint else [])], standalone_mode=False)
+    artifacts = artifacts or artifact_directory(model.value)
     config = CalibrationConfig(split=split, images=images, method=method.value, percentile=percentile, seed=seed)
-    run_calibration(artifacts, data, config, accuracy_target, eval_split, eval_images, report_split, sensitivity, engine,
-                    model.value)
+    manifest = calibrate_model(model.value, artifacts=artifacts, checkpoint=checkpoint, data=data, config=config,
+                               accuracy_target=accuracy_target, eval_split=eval_split, eval_images=eval_images,
+                               report_split=None if report_split == "none" else report_split,
+                               sensitivity=sensitivity, engine=engine)
+    _print_int8(manifest, artifacts)
 
 
 @app.command("serve-bench")
 def serve_bench_command(
-    model: CrossAttentionModel = typer.Option(CrossAttentionModel.imram, "--model", "-m", help="Model to measure."),
+    model: CrossAttentionModel = typer.Option(CrossAttentionModel("imram"), "--model", "-m", help="Model to measure."),
     checkpoint: Optional[Path] = typer.Option(None, help="Weights to measure [default: random seeded weights at the "
                                                           "released sizes: D 1024, 36 x 2048-d regions, word_dim 300]."),
     artifacts: Optional[Path] = typer.Option(None, help="Existing artifact directory to measure [default: built under "
@@ -411,8 +324,8 @@ def serve_bench_command(
 
     import torch
 
-    from xmr.eval.serve_bench import PLOT, ServeBenchConfig, run_serve_bench, write_report
-    from xmr.eval.serve_report import plot_report, print_report
+    from xmr.benchmark.serve_bench import PLOT, ServeBenchConfig, run_serve_bench, write_report
+    from xmr.benchmark.serve_report import plot_report, print_report
 
     config = ServeBenchConfig.quick() if quick else ServeBenchConfig()
     gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

@@ -28,16 +28,16 @@ from xmr.calibration.quantize import quantized_nodes
 from xmr.calibration.report import precision_rows, write_report
 from xmr.data import Vocabulary, load_split
 from xmr.errors import CalibrationError
-from xmr.eval.onnx_scoring import OnnxPipeline, score_split
-from xmr.export.artifacts import (
-    ARTIFACT_EXTRAS, TIMING_CACHE, build_engines, copy_timing_cache, install, manifest_specs, read_manifest,
-)
+from xmr.eval.evaluate import split_scores
+from xmr.export.artifacts import ARTIFACT_EXTRAS, TIMING_CACHE, build_engines, copy_timing_cache, install
+from xmr.export.manifest import manifest_specs, read_manifest
 from xmr.export.graphs import GRAPHS
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes
 from xmr.outputs import check_output_dir, staged_directory
 from xmr.paths import file_sha256
 from xmr.progress import console
+from xmr.runtime import OnnxRuntimeBackend, Scorer
 from xmr.runtime.artifacts import Artifacts
 
 RANGES_DIR = "calibration"
@@ -96,16 +96,17 @@ def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig |
     check_split(evaluation_split, eval_split, manifest["config"]["img_dim"], manifest["regions"])
     report_data = None if report_split is None else _load(data, report_split, vocab, "report")  # fail before the work
     variants = {p: {g: opened.graph(g, p) for g in GRAPHS} for p in ("fp32", "fp16") if p in opened.precisions()}
-    reference_pipeline = OnnxPipeline(fp32)
+    encoders = OnnxRuntimeBackend(opened, "fp32", "cpu")  # the reference: the fp32 graphs on CPU
+    reference_scorer = Scorer(encoders)
     with console.status(f"calibration set: {config.images} {config.split} images"):
-        calibration = build_calibration_set(split, reference_pipeline, config)
+        calibration = build_calibration_set(split, encoders, config)
     with staged_directory(artifacts) as work:
         scratch = work / ".int8-work"
         ranges = scratch / RANGES_DIR
         ranges.mkdir(parents=True)
         reused = _reuse_ranges(artifacts, ranges, calibration.sha256, config.method)
-        reference = score_split(reference_pipeline, evaluation_split, eval_images)
-        evaluate = Evaluation(evaluation_split, eval_images, reference)
+        reference = split_scores(reference_scorer, evaluation_split, eval_images)
+        evaluate = Evaluation(opened, evaluation_split, eval_images, reference)
         quantizer = Quantizer(fp32, calibration, config, ranges)
         with console.status(f"quantizing ({config.method}) and checking accuracy on {eval_split}"):
             result = choose_fallback(quantizer, evaluate, accuracy_target, scratch / "candidates", measure_sensitivity)
@@ -119,7 +120,7 @@ def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig |
                              eval_images, reused)
         report = None
         if report_split is not None:
-            report = _report(variants, manifest, final, result, quantizer, scratch, int8, report_data, report_split,
+            report = _report(opened, variants, manifest, final, result, quantizer, scratch, int8, report_data, report_split,
                              accuracy_target, show_progress)
         _install(artifacts, manifest, work, scratch, final, int8, report, engine)
     return read_manifest(artifacts)
@@ -143,11 +144,12 @@ def _int8_section(config, calibration, result, quantizer, final, target, eval_sp
     }
 
 
-def _report(variants, manifest, final, result, quantizer, work, int8, split, split_name, target, show_progress) -> dict:
+def _report(artifacts, variants, manifest, final, result, quantizer, work, int8, split, split_name, target,
+            show_progress) -> dict:
     variants = {**variants, "int8": final}
     if result.exclude:
         variants["int8 (no fallback)"] = quantizer.build(work / "candidates" / "full")
-    rows = precision_rows(variants, split, show_progress)
+    rows = precision_rows(artifacts, variants, split, show_progress)
     chosen = rows["int8"]
     verdict = (f"INT8 {'meets' if meets_target(chosen, target) else 'MISSES'} the target on {split_name}: rsum "
                f"{chosen['rsum']:.1f} vs fp32 {rows['fp32']['rsum']:.1f} ({100 * chosen['delta_rsum'] / rows['fp32']['rsum']:+.2f}%), "

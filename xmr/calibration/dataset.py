@@ -17,10 +17,13 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
 from xmr.data.precomp import PrecompSplit
 from xmr.errors import CalibrationError
-from xmr.eval.onnx_scoring import Arrays, OnnxPipeline, caption_blocks, take
+from xmr.runtime.backends import Backend
+
+Arrays = dict[str, np.ndarray]  # one graph's inputs (or outputs) by name
 
 CALIBRATION_SPLITS = ("train", "dev")
 METHODS = ("minmax", "entropy", "percentile")
@@ -94,30 +97,41 @@ def _hash(feeds: dict[str, list[Arrays]], config: CalibrationConfig) -> str:
     return digest.hexdigest()
 
 
-def build_calibration_set(split: PrecompSplit, encoders: OnnxPipeline, config: CalibrationConfig) -> CalibrationSet:
+def caption_blocks(lengths: np.ndarray, size: int) -> list[np.ndarray]:
+    """Caption indices in blocks of ``size``, shortest captions first (similar lengths together)."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
+def _numpy(tensors: dict[str, torch.Tensor]) -> Arrays:
+    return {name: t.cpu().numpy() for name, t in tensors.items()}
+
+
+def build_calibration_set(split: PrecompSplit, encoders: Backend, config: CalibrationConfig) -> CalibrationSet:
     """Sample ``config.images`` images of ``split`` with all their captions and turn them into
-    the inputs of the three graphs (the pair scorer's through the fp32 ``encoders``)."""
+    the inputs of the three graphs (the pair scorer's through the fp32 ``encoders``, a CPU
+    backend of the artifacts' fp32 graphs)."""
     config.validate()
     rng = np.random.default_rng(config.seed)
     images = np.sort(rng.choice(split.n_images, size=min(config.images, split.n_images), replace=False))
     captions = (images[:, None] * split.per_image + np.arange(split.per_image)).ravel()
     features = [split.image_batch(images[s : s + config.image_batch]).numpy()
                 for s in range(0, len(images), config.image_batch)]
-    encoded_images = [encoders.encode_images(f) for f in features]
-    embedded = {name: np.concatenate([e[name] for e in encoded_images]) for name in encoders.image_names}
+    encoded_images = [_numpy(encoders.encode_images(torch.from_numpy(f))) for f in features]
+    embedded = {name: np.concatenate([e[name] for e in encoded_images]) for name in encoded_images[0]}
     _, lengths = split.caption_batch(captions)
     text_feeds, pair_feeds, matching, pairs = [], [], 0, 0
     for block in caption_blocks(lengths.numpy(), config.caption_batch):
         ids, block_lengths = (t.numpy() for t in split.caption_batch(captions[block]))
         text_feeds.append({"ids": ids, "lengths": block_lengths})
-        texts = encoders.encode_texts(ids, block_lengths)
+        texts = _numpy(encoders.encode_texts(torch.from_numpy(ids), torch.from_numpy(block_lengths)))
         own = np.unique(block // split.per_image)  # positions (in ``images``) of the captions' images
         n_own = min(len(own), max(1, config.pair_images // 2))
         chosen_own = rng.choice(own, size=n_own, replace=False)
         others = np.setdiff1d(np.arange(len(images)), own)
         chosen = np.concatenate([chosen_own, rng.choice(others, size=min(len(others), config.pair_images - n_own),
                                                         replace=False)])
-        pair_feeds.append({**take(embedded, chosen), **texts, "lengths": block_lengths})
+        pair_feeds.append({**{n: a[chosen] for n, a in embedded.items()}, **texts, "lengths": block_lengths})
         matching += int(np.isin(block // split.per_image, chosen_own).sum())
         pairs += len(chosen) * len(block)
     feeds = {"image_encoder": [{"features": f} for f in features], "text_encoder": text_feeds,

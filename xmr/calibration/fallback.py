@@ -20,23 +20,31 @@ from xmr.calibration.dataset import CalibrationConfig, CalibrationSet
 from xmr.calibration.quantize import quantizable_nodes, quantize_graph
 from xmr.data.precomp import PrecompSplit
 from xmr.errors import CalibrationError
-from xmr.eval.onnx_scoring import OnnxPipeline, score_split
+from xmr.eval.evaluate import split_scores
+from xmr.runtime import OnnxRuntimeBackend, Scorer
+from xmr.runtime.artifacts import Artifacts
 from xmr.export.graphs import GRAPHS
 from xmr.export.precision import graph_path
 
 Node = tuple[str, str]  # (graph, node name)
 
 
+def graph_scorer(artifacts: Artifacts, paths: dict[str, Path], precision: str) -> Scorer:
+    """A CPU scorer over graph files made from ``artifacts``' fp32 graphs (same IO)."""
+    return Scorer(OnnxRuntimeBackend(artifacts, precision, "cpu", paths=paths))
+
+
 @dataclass
 class Evaluation:
     """Scores an evaluation split with any set of graphs, against fp32."""
 
+    artifacts: Artifacts
     split: PrecompSplit
     n_images: int
     reference: np.ndarray = field(repr=False)
 
     def __call__(self, paths: dict[str, Path]) -> dict[str, float]:
-        scores = score_split(OnnxPipeline(paths), self.split, self.n_images)
+        scores = split_scores(graph_scorer(self.artifacts, paths, "int8"), self.split, self.n_images)
         return accuracy(scores, self.reference, self.split.per_image)
 
 

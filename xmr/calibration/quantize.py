@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 
 from xmr.errors import CalibrationError
-from xmr.eval.onnx_scoring import Arrays
+from xmr.calibration.dataset import Arrays
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
 

@@ -11,17 +11,22 @@ from typing import Any
 
 from xmr.calibration.accuracy import accuracy
 from xmr.data.precomp import PrecompSplit
-from xmr.eval.onnx_scoring import OnnxPipeline, score_split
+from xmr.calibration.fallback import graph_scorer
+from xmr.eval.evaluate import split_scores
+from xmr.runtime.artifacts import Artifacts
 
 REPORT = "int8_report"
 
 
-def precision_rows(variants: dict[str, dict[str, Path]], split: PrecompSplit, show_progress: bool = True) -> dict[str, dict]:
-    """Metrics of each variant (``name -> graph paths``; the first is the fp32 reference)."""
+def precision_rows(artifacts: Artifacts, variants: dict[str, dict[str, Path]], split: PrecompSplit,
+                   show_progress: bool = True) -> dict[str, dict]:
+    """Metrics of each variant (``name -> graph paths`` made from ``artifacts``; the first is the
+    fp32 reference; a name's first word is its precision)."""
     reference = None
     rows = {}
     for name, paths in variants.items():
-        scores = score_split(OnnxPipeline(paths), split, show_progress=show_progress, description=f"score {name}")
+        scorer = graph_scorer(artifacts, paths, name.split()[0])
+        scores = split_scores(scorer, split, show_progress=show_progress, description=f"score {name}")
         reference = scores if reference is None else reference
         rows[name] = accuracy(scores, reference, split.per_image)
     return rows

@@ -1,8 +1,7 @@
-"""Evaluation: retrieval metrics and block-wise scoring of whole splits."""
+"""Evaluation: retrieval metrics, and recall of a model or scorer on a split (scored by the runtime)."""
 
-from xmr.eval.evaluate import EVAL_FORMAT, EvalResult, evaluate, is_eval_json
-from xmr.eval.metrics import RecallReport, recall_report
-from xmr.eval.scoring import EncodedSplit, encode_split, score_matrix
+from xmr.eval.evaluate import EVAL_FORMAT, EvalResult, evaluate, is_eval_json, model_scorer, split_scores
+from xmr.eval.metrics import RecallReport, rank_agreement, recall_report
 
-__all__ = ["EVAL_FORMAT", "EncodedSplit", "EvalResult", "RecallReport", "encode_split", "evaluate", "is_eval_json", "recall_report",
-           "score_matrix"]
+__all__ = ["EVAL_FORMAT", "EvalResult", "RecallReport", "evaluate", "is_eval_json", "model_scorer", "rank_agreement",
+           "recall_report", "split_scores"]

@@ -1,4 +1,9 @@
-"""``xmr eval``: recall of a model on a precomp split."""
+"""``xmr eval``: recall of a model on a precomp split, scored through the runtime.
+
+Every score xmr reports (this recall, training's dev recall, INT8's accuracy gate and report,
+serve-bench's recall per row) comes from ``split_scores``: a ``Scorer`` over some backend —
+the PyTorch model in memory here (``TorchBackend.from_model``), graph files for calibration,
+exported artifacts for serving — so they share one planner, one executor and one masking."""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ import numpy as np
 from xmr.data.precomp import PrecompSplit
 from xmr.errors import ShapeError
 from xmr.eval.metrics import RecallReport, mean_report, recall_report
-from xmr.eval.scoring import EncodedSplit, encode_split, score_matrix
 from xmr.models.base import RetrievalModel
+from xmr.runtime import Scorer, TorchBackend
 
 
 EVAL_FORMAT = "xmr-eval"  # "format" of the JSON `xmr eval --json` writes
@@ -44,6 +49,22 @@ class EvalResult:
         return out
 
 
+def split_scores(scorer: Scorer, split: PrecompSplit, n_images: int | None = None, show_progress: bool = False,
+                 description: str = "score") -> np.ndarray:
+    """float32 scores ``[Ni, Nt]`` of the first ``n_images`` images of ``split`` (all by
+    default) and their captions (tokenised by the data loader), each item encoded once."""
+    n_images = min(n_images or split.n_images, split.n_images)
+    images = scorer.encode_images(np.asarray(split.features[:n_images]), show_progress=show_progress)
+    texts = scorer.encode_texts(split.caption_batch(range(n_images * split.per_image)), show_progress=show_progress)
+    return scorer.score(images, texts, show_progress=show_progress, description=description)
+
+
+def model_scorer(model: RetrievalModel, split: PrecompSplit) -> Scorer:
+    """A scorer over the in-memory ``model`` for ``split``'s images, taking its longest caption."""
+    longest = max(len(split.caption_ids(i)) for i in range(split.n_captions))  # tokenised once, cached
+    return Scorer(TorchBackend.from_model(model, split.regions), max_length=max(3, longest))
+
+
 def evaluate(model: RetrievalModel, split: PrecompSplit, fold5: bool = False, show_progress: bool = True) -> EvalResult:
     """Score every (image, caption) pair of ``split`` and compute R@1/5/10, medr, meanr, rsum.
 
@@ -53,17 +74,16 @@ def evaluate(model: RetrievalModel, split: PrecompSplit, fold5: bool = False, sh
     split.check_fits(model.config)
     if fold5 and split.n_images % 5:
         raise ShapeError(f"--fold5 needs a number of images divisible by 5, got {split.n_images}")
-    encoded = encode_split(model, split, show_progress=show_progress)
+    scorer = model_scorer(model, split)
     if not fold5:
-        scores = score_matrix(model, encoded, show_progress=show_progress)
+        scores = split_scores(scorer, split, show_progress=show_progress)
         return EvalResult(recall_report(scores, split.per_image), [], scores)
+    images = scorer.encode_images(np.asarray(split.features), show_progress=show_progress)
+    texts = scorer.encode_texts(split.caption_batch(range(split.n_captions)), show_progress=show_progress)
     size, per = split.n_images // 5, split.per_image
     folds = []
     for f in range(5):
-        fold = EncodedSplit(
-            encoded.img_emb[f * size : (f + 1) * size],
-            encoded.cap_emb[f * size * per : (f + 1) * size * per],
-            encoded.lengths[f * size * per : (f + 1) * size * per],
-        )
-        folds.append(recall_report(score_matrix(model, fold, show_progress=show_progress), per))
+        fold_images = images.select(np.arange(f * size, (f + 1) * size))
+        fold_texts = texts.select(np.arange(f * size * per, (f + 1) * size * per))
+        folds.append(recall_report(scorer.score(fold_images, fold_texts, show_progress=show_progress), per))
     return EvalResult(mean_report(folds), folds)

@@ -1,10 +1,11 @@
 """``xmr export``: a checkpoint in, one self-describing artifact directory out.
 
-``<out>/manifest.json`` is the only way the runtime reads an artifact directory: model kind
-and config, vocabulary (``vocab.json`` beside it, with its sha256), the source checkpoint's
-sha256, every graph file per precision with its inputs and outputs (names, dtypes, shapes
-with named dynamic axes), the opset, the parity measured at export, TensorRT engines (or why
-none were built), tool versions and the creation time.
+``<out>/manifest.json`` is the only way the runtime reads an artifact directory (through
+``xmr.export.manifest``, which imports no ``onnx``): model kind and config, vocabulary
+(``vocab.json`` beside it, with its sha256), the source checkpoint's sha256, every graph file
+per precision with its inputs and outputs (names, dtypes, shapes with named dynamic axes),
+the opset, the parity measured at export, TensorRT engines (or why none were built), tool
+versions and the creation time.
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ from typing import Any
 
 from xmr.config import config_to_dict
 from xmr.errors import ArtifactError, ExportError
-from xmr.export.graphs import GRAPHS, GraphSpec, TensorSpec, graph_specs
+from xmr.export.graphs import GRAPHS, graph_specs
+from xmr.export.manifest import FORMAT, MANIFEST, MANIFEST_VERSION, listed_files, read_manifest
 from xmr.export.onnx_export import OPSET, TOLERANCES, export_model
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt, tensorrt_unavailable
 from xmr.models.checkpoint import load_checkpoint
 from xmr.outputs import check_output_dir, keep_foreign, staged_directory, write_text
-from xmr.paths import file_sha256, inside, require
+from xmr.paths import file_sha256
 
-MANIFEST = "manifest.json"
-FORMAT = "xmr-artifacts"
 CHECKPOINT = "checkpoint.pt"  # a copy of the source checkpoint: the artifacts are self-contained
-MANIFEST_VERSION = 1
 DEFAULT_REGIONS = 36  # bottom-up features; checkpoints trained by xmr record their own
 MAX_REGIONS = 1024  # bottom-up features have 10..100 regions; more is a mistake that would exhaust memory
 MIN_OPSET, MAX_OPSET = 17, 20  # LayerNormalization-era opsets that onnx, ONNX Runtime and TensorRT all read
@@ -52,64 +51,9 @@ def tool_versions(packages: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
     return versions
 
 
-def read_manifest(artifacts: Path) -> dict[str, Any]:
-    """The manifest of an artifact directory, its structure checked (``ArtifactError`` naming
-    what is wrong); the files it lists are checked when they are used (``xmr.paths.checked_file``)."""
-    path = artifacts / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"no {MANIFEST} in {artifacts}: not an xmr artifact directory (run `xmr export` first)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({type(e).__name__}: {e}); re-export it") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or manifest.get("format_version") != MANIFEST_VERSION:
-        raise ArtifactError(f"{path} is not an xmr artifact manifest of version {MANIFEST_VERSION}; re-export it")
-    check_manifest(manifest, path)
-    return manifest
-
-
-def check_manifest(manifest: dict[str, Any], path: Path) -> None:
-    """Every key the runtime and ``xmr calibrate`` read, with its type (one error per problem)."""
-    where = str(path)
-    require(manifest, "model", str, where)
-    require(manifest, "config", dict, where)
-    regions = require(manifest, "regions", int, where)
-    if regions < 1:
-        raise ArtifactError(f"{where}: 'regions' must be >= 1, got {regions}")
-    require(manifest, "source_checkpoint", dict, where)
-    require(manifest["source_checkpoint"], "sha256", str, f"{where}: source_checkpoint")
-    require(manifest, "checkpoint", dict, where)
-    if manifest.get("vocab") is not None:
-        require(manifest, "vocab", dict, where)
-    graphs = require(manifest, "graphs", dict, where)
-    for name in GRAPHS:
-        graph = require(graphs, name, dict, f"{where}: graphs")
-        for key in ("inputs", "outputs"):
-            for tensor in require(graph, key, list, f"{where}: graphs.{name}"):
-                for field, kind in (("name", str), ("dtype", str), ("shape", list)):
-                    require(tensor, field, kind, f"{where}: graphs.{name}.{key}")
-        files = require(graph, "files", dict, f"{where}: graphs.{name}")
-        for precision, entry in files.items():
-            require(entry, "file", str, f"{where}: graphs.{name}.files.{precision}")
-    require(manifest, "profile", dict, where)
-    require(manifest, "engines", dict, where)
-    for name in listed_files(manifest):  # plain names inside the directory, or the manifest is refused
-        inside(path.parent, name, f"{where}: a listed file")
-
-
 def write_manifest(artifacts: Path, manifest: dict[str, Any]) -> Path:
     """Write ``artifacts/manifest.json`` (replaced atomically)."""
     return write_text(artifacts / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-
-
-def manifest_specs(manifest: dict[str, Any]) -> dict[str, GraphSpec]:
-    """The graphs' input/output specs as recorded in a manifest."""
-    def tensors(entries: list[dict[str, Any]]) -> list[TensorSpec]:
-        return [TensorSpec(t["name"], t["dtype"], list(t["shape"])) for t in entries]
-
-    return {name: GraphSpec(name, tensors(graph["inputs"]), tensors(graph["outputs"]))
-            for name, graph in manifest["graphs"].items() if name in GRAPHS}
 
 
 def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: ProfileShapes,
@@ -196,8 +140,7 @@ def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precision
         "source_checkpoint": {"path": str(checkpoint), "sha256": model.checkpoint_sha256},
         "checkpoint": {"file": CHECKPOINT, "sha256": model.checkpoint_sha256},
         "opset": opset,
-        "graphs": {name: {"inputs": [dataclasses.asdict(t) for t in specs[name].inputs],
-                          "outputs": [dataclasses.asdict(t) for t in specs[name].outputs],
+        "graphs": {name: {**specs[name].io(),
                           "files": {p: {"file": graph_path(out_dir, name, p).name,
                                         "sha256": file_sha256(graph_path(out_dir, name, p)),
                                         "precision": p, "max_abs_diff_vs_torch_fp32": parity[p][name],
@@ -212,15 +155,6 @@ def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precision
 
 
 ARTIFACT_EXTRAS = ("calibration", "int8_report.json", "int8_report.md")  # written by ``xmr calibrate``
-
-
-def listed_files(manifest: dict[str, Any]) -> set[str]:
-    """Every file name a manifest lists (graphs, engines, checkpoint, vocabulary)."""
-    graphs = {f.get("file") for g in manifest.get("graphs", {}).values() for f in g.get("files", {}).values()}
-    singles = {manifest[k].get("file") for k in ("checkpoint", "vocab") if isinstance(manifest.get(k), dict)}
-    engines = {f.get("file") if isinstance(f, dict) else f
-               for g in manifest.get("engines", {}).get("files", {}).values() for f in g.values()}
-    return {n if isinstance(n, str) else repr(n) for n in graphs | singles | engines}
 
 
 def is_artifact_directory(directory: Path) -> bool:

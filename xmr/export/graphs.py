@@ -6,21 +6,23 @@
 - ``text_encoder``: token ids ``[Nt, L]`` + lengths ``[Nt]`` -> the prepared caption tensors;
 - ``pair_scorer``: all of those -> scores ``[Ni, Nt]`` (``model.score_prepared``).
 
-Input and output names, and which axes are dynamic, are derived here once (``GraphSpec``)
-and used by the exporter, the validator and the manifest.
+Input and output names, and which axes are dynamic, come from the model's declared
+``prepared_spec()`` through one adapter (``PreparedIO``: ``image_`` / ``text_`` prefixes,
+``lengths`` apart), here once (``GraphSpec``), and are used by the exporter, the validator,
+the manifest and the runtime's PyTorch backend.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from xmr.models.base import RetrievalModel
+from xmr.models.base import ITEMS, LENGTH, REGIONS, Prepared, PreparedSpec, RetrievalModel
 
 IMAGE_PREFIX, TEXT_PREFIX = "image_", "text_"
-N_IMAGES, N_CAPTIONS, LENGTH = "n_images", "n_captions", "length"
+N_IMAGES, N_CAPTIONS = "n_images", "n_captions"  # the item axes; LENGTH ("length") is the spec's own
 GRAPHS = ("image_encoder", "text_encoder", "pair_scorer")
 
 
@@ -45,31 +47,46 @@ class GraphSpec:
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
 
-
-def _prepared_shapes(model: RetrievalModel, n_images: int, regions: int, n_captions: int,
-                     length: int) -> dict[str, torch.Size]:
-    """Shapes of the prepared image and caption tensors (prefixed names, text without
-    ``lengths``) for zero inputs of the given sizes, in ``prepare_*``'s order."""
-    d, dtype = model.config.embed_size, _float_dtype(model)
-    with torch.no_grad():
-        images = model.prepare_images(torch.zeros(n_images, regions, d, dtype=dtype))
-        texts = model.prepare_texts(torch.zeros(n_captions, length, d, dtype=dtype), torch.full((n_captions,), length))
-    return {**{IMAGE_PREFIX + n: t.shape for n, t in images.items()},
-            **{TEXT_PREFIX + n: t.shape for n, t in texts.items() if n != "lengths"}}
+    def io(self) -> dict[str, list[dict]]:
+        """Inputs and outputs as a manifest records them."""
+        return {"inputs": [asdict(t) for t in self.inputs], "outputs": [asdict(t) for t in self.outputs]}
 
 
-def _prepared_names(model: RetrievalModel) -> tuple[list[str], list[str]]:
-    """Keys of the prepared image and text dicts (text without ``lengths``), in a fixed order."""
-    names = list(_prepared_shapes(model, 1, 2, 1, 2))
-    return ([n.removeprefix(IMAGE_PREFIX) for n in names if n.startswith(IMAGE_PREFIX)],
-            [n.removeprefix(TEXT_PREFIX) for n in names if n.startswith(TEXT_PREFIX)])
+@dataclass(frozen=True)
+class PreparedIO:
+    """A model's prepared tensors (``PreparedSpec``) under the graphs' IO names and back:
+    ``image_`` / ``text_`` + the spec's name, in the spec's order; ``lengths`` apart."""
 
+    spec: PreparedSpec
 
-def _symbolic_shapes(model: RetrievalModel, regions: int) -> dict[str, list[int | str]]:
-    """Shapes of every prepared tensor with dynamic axes named, found by preparing two sizes."""
-    small, large = _prepared_shapes(model, 2, regions, 3, 4), _prepared_shapes(model, 5, regions, 7, 6)
-    symbols = {(2, 5): N_IMAGES, (3, 7): N_CAPTIONS, (4, 6): LENGTH}
-    return {name: [symbols.get((a, b), a) for a, b in zip(shape, large[name])] for name, shape in small.items()}
+    @property
+    def image_names(self) -> list[str]:
+        return [IMAGE_PREFIX + t.name for t in self.spec.images]
+
+    @property
+    def text_names(self) -> list[str]:
+        return [TEXT_PREFIX + t.name for t in self.spec.texts]
+
+    def to_graph_images(self, prepared: Prepared) -> Prepared:
+        """``prepare_images``' dict -> ``{"image_regions": ..., ...}``."""
+        return {IMAGE_PREFIX + t.name: prepared[t.name] for t in self.spec.images}
+
+    def to_graph_texts(self, prepared: Prepared) -> Prepared:
+        """``prepare_texts``' dict -> ``{"text_words": ..., ...}`` (``lengths`` left out)."""
+        return {TEXT_PREFIX + t.name: prepared[t.name] for t in self.spec.texts}
+
+    def from_graph(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> tuple[Prepared, Prepared]:
+        """Graph-named tensors -> ``score_prepared``'s ``images``, ``texts`` (``lengths`` inside)."""
+        return ({t.name: images[IMAGE_PREFIX + t.name] for t in self.spec.images},
+                {**{t.name: texts[TEXT_PREFIX + t.name] for t in self.spec.texts}, "lengths": lengths})
+
+    def shapes(self, regions: int) -> dict[str, list[int | str]]:
+        """Each graph-named tensor's shape: items -> ``n_images`` / ``n_captions``, regions ->
+        ``regions``; ``length`` stays a dynamic axis, config sizes stay ints."""
+        image = {ITEMS: N_IMAGES, REGIONS: regions}
+        text = {ITEMS: N_CAPTIONS, REGIONS: regions}
+        return {**{IMAGE_PREFIX + t.name: [image.get(a, a) for a in t.axes] for t in self.spec.images},
+                **{TEXT_PREFIX + t.name: [text.get(a, a) for a in t.axes] for t in self.spec.texts}}
 
 
 def _float_dtype(model: RetrievalModel) -> torch.dtype:
@@ -78,11 +95,11 @@ def _float_dtype(model: RetrievalModel) -> torch.dtype:
 
 def graph_specs(model: RetrievalModel, regions: int) -> dict[str, GraphSpec]:
     """The three graphs' inputs and outputs for ``model`` with ``regions`` regions per image."""
-    image_names, text_names = _prepared_names(model)
-    shapes = _symbolic_shapes(model, regions)
+    io = PreparedIO(model.prepared_spec())
+    shapes = io.shapes(regions)
     float_type = str(_float_dtype(model)).removeprefix("torch.")
-    image_outputs = [TensorSpec(IMAGE_PREFIX + n, float_type, shapes[IMAGE_PREFIX + n]) for n in image_names]
-    text_outputs = [TensorSpec(TEXT_PREFIX + n, float_type, shapes[TEXT_PREFIX + n]) for n in text_names]
+    image_outputs = [TensorSpec(n, float_type, shapes[n]) for n in io.image_names]
+    text_outputs = [TensorSpec(n, float_type, shapes[n]) for n in io.text_names]
     lengths = TensorSpec("lengths", "int64", [N_CAPTIONS])
     return {
         "image_encoder": GraphSpec("image_encoder", [TensorSpec("features", float_type, [N_IMAGES, regions, model.config.img_dim])],
@@ -96,37 +113,32 @@ def graph_specs(model: RetrievalModel, regions: int) -> dict[str, GraphSpec]:
 class ImageEncoderGraph(nn.Module):
     def __init__(self, model: RetrievalModel) -> None:
         super().__init__()
-        self.model = model
-        self.names = _prepared_names(model)[0]
+        self.model, self.io = model, PreparedIO(model.prepared_spec())
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        prepared = self.model.prepare_images(self.model.img_enc(features))
-        return tuple(prepared[n] for n in self.names)
+        return tuple(self.io.to_graph_images(self.model.prepare_images(self.model.img_enc(features))).values())
 
 
 class TextEncoderGraph(nn.Module):
     def __init__(self, model: RetrievalModel) -> None:
         super().__init__()
-        self.model = model
-        self.names = _prepared_names(model)[1]
+        self.model, self.io = model, PreparedIO(model.prepared_spec())
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         prepared = self.model.prepare_texts(self.model.txt_enc(ids, lengths), lengths)
-        return tuple(prepared[n] for n in self.names)
+        return tuple(self.io.to_graph_texts(prepared).values())
 
 
 class PairScorerGraph(nn.Module):
     def __init__(self, model: RetrievalModel) -> None:
         super().__init__()
-        self.model = model
-        self.image_names, self.text_names = _prepared_names(model)
+        self.model, self.io = model, PreparedIO(model.prepared_spec())
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        n_img = len(self.image_names)
-        images = dict(zip(self.image_names, tensors[:n_img]))
-        texts = dict(zip(self.text_names, tensors[n_img:-1]))
-        texts["lengths"] = tensors[-1]
-        return self.model.score_prepared(images, texts)
+        n_img = len(self.io.image_names)
+        images = dict(zip(self.io.image_names, tensors[:n_img]))
+        texts = dict(zip(self.io.text_names, tensors[n_img:-1]))
+        return self.model.score_prepared(*self.io.from_graph(images, texts, tensors[-1]))
 
 
 def graph_modules(model: RetrievalModel) -> dict[str, nn.Module]:

@@ -10,9 +10,9 @@ from xmr.models.checkpoint import load_checkpoint, save_checkpoint
 from xmr.models.config import CampConfig, DualEncoderConfig, ImramConfig, ModelConfig
 from xmr.models.dual import DualEncoder
 from xmr.models.imram import Imram
-from xmr.models.registry import build_model, list_models, make_config
+from xmr.models.registry import build_model, cross_attention_models, list_models, make_config
 
 __all__ = [
     "Camp", "CampConfig", "DualEncoder", "DualEncoderConfig", "Imram", "ImramConfig", "ModelConfig",
-    "RetrievalModel", "build_model", "list_models", "load_checkpoint", "make_config", "save_checkpoint",
+    "RetrievalModel", "build_model", "cross_attention_models", "list_models", "load_checkpoint", "make_config", "save_checkpoint",
 ]

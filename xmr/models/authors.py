@@ -45,8 +45,11 @@ from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 from xmr.data.vocab import Vocabulary
 from xmr.errors import CheckpointError
 from xmr.models.base import RetrievalModel
+from xmr.models.checkpoint import is_checkpoint_file, save_checkpoint
 from xmr.models.config import CampConfig, ImramConfig, ModelConfig
 from xmr.models.registry import build_model
+from xmr.outputs import check_output_file
+from xmr.paths import file_sha256
 
 IMRAM_MODES = {"full_IMRAM": "full", "text_IMRAM": "text", "image_IMRAM": "image"}
 
@@ -374,6 +377,10 @@ def _camp_state(blob: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
+# the authors' training code each importable kind comes from -> its state dict in xmr's key names
+AUTHORS_STATES: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {"camp": _camp_state, "imram": _imram_state}
+
+
 def _load_weights(model: RetrievalModel, state: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
@@ -396,11 +403,10 @@ def import_authors_checkpoint(path: str | Path, model: str, vocab: Vocabulary) -
     opt = blob["opt"]
     if not isinstance(opt, Mapping):
         raise CheckpointError(f"{path}: 'opt' is not a mapping of training options")
-    builders: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {"imram": _imram_state, "camp": _camp_state}
-    if model not in builders:
-        raise ValueError(f"model must be one of {list(builders)}, got {model!r}")
+    if model not in AUTHORS_STATES:
+        raise ValueError(f"model must be one of {list(AUTHORS_STATES)}, got {model!r}")
     try:
-        state = builders[model](blob)
+        state = AUTHORS_STATES[model](blob)
         config: ModelConfig = imram_config(opt) if model == "imram" else camp_config(opt, state)
         if config.vocab_size != len(vocab):
             raise CheckpointError(
@@ -413,3 +419,18 @@ def import_authors_checkpoint(path: str | Path, model: str, vocab: Vocabulary) -
         raise CheckpointError(f"{path}: {e}") from e
     result.authors_metadata = {k: blob[k] for k in ("epoch", "best_rsum", "Eiters") if k in blob and isinstance(blob[k], (int, float))}
     return result.eval()
+
+
+def convert_authors_checkpoint(path: str | Path, model: str, vocab: str | Path, out: str | Path,
+                               overwrite: bool = False) -> RetrievalModel:
+    """``xmr import-checkpoint``: the authors' ``model`` checkpoint at ``path`` written to ``out``
+    as an xmr checkpoint (with the ``vocab`` JSON it was trained with, and where it came from:
+    ``imported_from``, ``source_sha256`` and the authors' epoch/rsum); returns the model.
+    ``out`` is checked before any work: never ``path`` itself, nor a file xmr did not write
+    (unless ``overwrite``)."""
+    path, out = Path(path), Path(out)
+    check_output_is_not_input(path, out)
+    check_output_file(out, is_checkpoint_file, overwrite, "output checkpoint")
+    result = import_authors_checkpoint(path, model, Vocabulary.load(vocab))
+    save_checkpoint(result, out, {"imported_from": str(path), "source_sha256": file_sha256(path), **result.authors_metadata})
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,33 @@ from xmr.models.layers import (
 
 Prepared = dict[str, torch.Tensor]  # per-item tensors, the item index first (see ``prepare_images``)
 
+# Axes of a prepared tensor (``PreparedTensor.axes``); an int is a size from the config (D, 2D).
+ITEMS = "items"  # the images or captions, always first
+REGIONS = "regions"  # an image's regions R (fixed at export)
+LENGTH = "length"  # a caption's tokens L (padded to the longest; dynamic)
+
+
+@dataclass(frozen=True)
+class PreparedTensor:
+    """One tensor of ``prepare_images`` / ``prepare_texts``: its name and symbolic axes,
+    e.g. ``("items", "length", 2 * embed_size)``."""
+
+    name: str
+    axes: tuple[str | int, ...]
+
+    def __post_init__(self) -> None:
+        assert self.axes[0] == ITEMS and all(a in (REGIONS, LENGTH) or isinstance(a, int) for a in self.axes[1:]), \
+            f"prepared tensor {self.name}: axes {self.axes} must be {ITEMS!r} then {REGIONS!r}, {LENGTH!r} or sizes"
+
+
+@dataclass(frozen=True)
+class PreparedSpec:
+    """What ``prepare_images`` / ``prepare_texts`` return, in order. ``lengths`` is not part
+    of ``texts``: it travels beside the caption tensors (the text dict holds it too)."""
+
+    images: tuple[PreparedTensor, ...]
+    texts: tuple[PreparedTensor, ...]
+
 
 def select_items(items: Prepared, index: slice | torch.Tensor) -> Prepared:
     """The prepared tensors of a subset of the items (every tensor is indexed on its first dim)."""
@@ -26,7 +54,8 @@ class RetrievalModel(nn.Module):
     """Base of CAMP, IMRAM and the dual-encoder baseline.
 
     Subclasses implement ``_score_direct`` (the equations on the pair grid), optionally the
-    fast form (``prepare_images`` / ``prepare_texts`` / ``score_prepared``), and ``loss``.
+    fast form (``prepare_images`` / ``prepare_texts`` / ``score_prepared``, declared by
+    ``prepared_spec``), and ``loss``.
     """
 
     config: ModelConfig
@@ -68,12 +97,20 @@ class RetrievalModel(nn.Module):
             return self._score_direct(img_emb, cap_emb, lengths)
         return self.score_prepared(self.prepare_images(img_emb), self.prepare_texts(cap_emb, lengths))
 
+    def prepared_spec(self) -> PreparedSpec:
+        """Names and axes of what ``prepare_images`` / ``prepare_texts`` return (the graphs' IO)."""
+        d = self.config.embed_size
+        return PreparedSpec(images=(PreparedTensor("regions", (ITEMS, REGIONS, d)),),
+                            texts=(PreparedTensor("words", (ITEMS, LENGTH, d)),))
+
     def prepare_images(self, img_emb: torch.Tensor) -> Prepared:
-        """Per-image tensors the fast scorer needs (``regions`` plus model-specific precomputations)."""
+        """Per-image tensors the fast scorer needs (``regions`` plus model-specific
+        precomputations), as ``prepared_spec().images`` declares them."""
         return {"regions": img_emb}
 
     def prepare_texts(self, cap_emb: torch.Tensor, lengths: torch.Tensor) -> Prepared:
-        """Per-caption tensors the fast scorer needs (``words``, ``lengths`` plus precomputations)."""
+        """Per-caption tensors the fast scorer needs (``words`` plus precomputations, as
+        ``prepared_spec().texts`` declares them) and ``lengths``."""
         return {"words": cap_emb, "lengths": lengths}
 
     def score_prepared(self, images: Prepared, texts: Prepared) -> torch.Tensor:

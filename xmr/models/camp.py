@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from xmr.data.vocab import Vocabulary
-from xmr.models.base import Prepared, RetrievalModel
+from xmr.models.base import ITEMS, LENGTH, REGIONS, Prepared, PreparedSpec, PreparedTensor, RetrievalModel
 from xmr.models.config import CampConfig
 from xmr.models.layers import L2_EPS, MASKED_LOGIT, grid_matmul, l2norm, length_mask, qkv_attention, xavier_uniform_
 from xmr.models.losses import bce_loss
@@ -91,6 +91,16 @@ class Camp(RetrievalModel):
             "fuse_self": tokens @ fuse_self.T,  # this side's half of its fc
             "fuse_message": tokens @ fuse_message.T,  # the other side's fc half applied to messages from v
         }
+
+    def _prepared_side(self, tokens: str, axis: str) -> tuple[PreparedTensor, ...]:
+        """What ``_prepare`` returns for one side, after its ``tokens``; ``axis``: their count T."""
+        d = self.config.embed_size
+        return (PreparedTensor(tokens, (ITEMS, axis, d)), PreparedTensor("cross", (ITEMS, axis, d)),
+                PreparedTensor("self_scores", (ITEMS, axis, axis)),  # (N, T, T)
+                PreparedTensor("fuse_self", (ITEMS, axis, d)), PreparedTensor("fuse_message", (ITEMS, axis, d)))
+
+    def prepared_spec(self) -> PreparedSpec:
+        return PreparedSpec(images=self._prepared_side("regions", REGIONS), texts=self._prepared_side("words", LENGTH))
 
     def prepare_images(self, img_emb: torch.Tensor) -> Prepared:
         d = self.config.embed_size

@@ -23,6 +23,7 @@ class ModelConfig:
 
     VERSION: ClassVar[int] = 1
     KIND: ClassVar[str] = ""
+    CROSS_ATTENTION: ClassVar[bool] = True  # scores attend across regions and words (what export and serving take)
     SQUARE_MATRICES: ClassVar[int] = 0  # D x D weight blocks beyond the shared encoders (parameter estimate)
 
     vocab_size: int = 8481  # rows of the word embedding (Flickr30K vocabulary: 8481)
@@ -100,6 +101,7 @@ class DualEncoderConfig(ModelConfig):
     """Baseline without cross-attention: mean-pooled regions and words, cosine similarity."""
 
     KIND: ClassVar[str] = "dual"
+    CROSS_ATTENTION: ClassVar[bool] = False
 
     margin: float = 0.2
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from xmr.data.vocab import Vocabulary
-from xmr.models.base import Prepared, RetrievalModel
+from xmr.models.base import ITEMS, LENGTH, REGIONS, Prepared, PreparedSpec, PreparedTensor, RetrievalModel
 from xmr.models.config import ImramConfig
 from xmr.models.layers import L2_EPS, cosine, grid_matmul, l2norm, leaky_relu, length_mask, masked_mean
 from xmr.models.losses import triplet_loss
@@ -152,6 +152,17 @@ class Imram(RetrievalModel):
                 query = l2norm(query)
             scores = grid_matmul(query, context.transpose(-1, -2))
         return torch.stack(steps)
+
+    def prepared_spec(self) -> PreparedSpec:
+        d, mode = self.config.embed_size, self.config.mode
+        images, texts = [PreparedTensor("regions", (ITEMS, REGIONS, d))], [PreparedTensor("words", (ITEMS, LENGTH, d))]
+        if mode in ("text", "full"):
+            images.append(PreparedTensor("t2i_context_part", (ITEMS, REGIONS, 2 * d)))
+            texts.append(PreparedTensor("t2i_query_part", (ITEMS, LENGTH, 2 * d)))
+        if mode in ("image", "full"):
+            images.append(PreparedTensor("i2t_query_part", (ITEMS, REGIONS, 2 * d)))
+            texts.append(PreparedTensor("i2t_context_part", (ITEMS, LENGTH, 2 * d)))
+        return PreparedSpec(tuple(images), tuple(texts))
 
     def prepare_images(self, img_emb: torch.Tensor) -> Prepared:
         items = {"regions": img_emb}

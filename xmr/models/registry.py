@@ -24,6 +24,12 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
+def cross_attention_models() -> list[str]:
+    """The registered kinds whose scores attend across regions and words (all but the
+    dual-encoder baseline): the models ``xmr export``, ``calibrate`` and ``serve-bench`` take."""
+    return [kind for kind, (config, _) in MODELS.items() if config.CROSS_ATTENTION]
+
+
 def config_class(kind: str) -> type[ModelConfig]:
     if kind not in MODELS:
         raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")

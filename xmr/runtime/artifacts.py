@@ -8,23 +8,35 @@ still confined, hashes are not computed). Nothing outside the directory is ever 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmr.config import config_to_dict
 from xmr.data.vocab import Vocabulary
 from xmr.errors import ArtifactError, ExportError, InputError, VocabError
-from xmr.export.artifacts import MANIFEST, read_manifest
-from xmr.export.graphs import GRAPHS, N_IMAGES, TensorSpec
+from xmr.export.graphs import GRAPHS, TensorSpec, graph_specs
+from xmr.export.manifest import MANIFEST, read_manifest
+from xmr.models.base import RetrievalModel
 from xmr.paths import checked_file, inside, require
 
 RERUN = "re-run `xmr export` (`xmr calibrate` for int8)"
 
 
+def weights_sha256(model: RetrievalModel) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes and bytes): what ties a gallery to them."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class Artifacts:
-    directory: Path
+    directory: Path | None  # None: an in-memory model (``of_model``)
     manifest: dict[str, Any]
     vocab: Vocabulary | None
     verify: bool = True  # check each file's sha256 against the manifest before it is used
@@ -45,7 +57,6 @@ class Artifacts:
             raise ArtifactError(str(e)) from e
         except (ValueError, AttributeError, TypeError, RecursionError) as e:  # not JSON, not an object, too deep
             raise ArtifactError(f"{directory / MANIFEST} is not an xmr artifact manifest ({e}); re-export it") from e
-        check_manifest(manifest, directory / MANIFEST)
         artifacts = cls(directory, manifest, None, verify)
         if manifest.get("vocab") is not None:
             path = artifacts.checked(manifest["vocab"], "vocabulary")
@@ -57,6 +68,17 @@ class Artifacts:
                 raise ArtifactError(f"{path} has {len(artifacts.vocab)} words but the model embeds "
                                     f"{artifacts.config['vocab_size']}; {RERUN}")
         return artifacts
+
+    @classmethod
+    def of_model(cls, model: RetrievalModel, regions: int) -> Artifacts:
+        """What the runtime needs to know of an in-memory model (no directory, no files): its
+        config, vocabulary, graph IO for ``regions`` regions, and an identity from its weights."""
+        specs = graph_specs(model, regions)
+        manifest = {"model": model.kind, "config": config_to_dict(model.config), "regions": regions,
+                    "source_checkpoint": {"sha256": weights_sha256(model)},
+                    "graphs": {name: {**spec.io(), "files": {}} for name, spec in specs.items()},
+                    "engines": {"built": False, "reason": "an in-memory model"}, "profile": {}}
+        return cls(None, manifest, model.vocab, verify=False)
 
     @property
     def kind(self) -> str:
@@ -121,43 +143,3 @@ class Artifacts:
             raise ArtifactError(f"{self.directory / MANIFEST} lists no checkpoint (exported by an older xmr, before "
                                 f"artifact directories carried their checkpoint); re-export it with `xmr export`")
         return self.checked(entry, "checkpoint")
-
-
-def check_manifest(manifest: object, path: Path) -> None:
-    """What the runtime reads from a manifest, with its type: one ``ArtifactError`` naming the
-    first problem (the export's ``read_manifest`` checks the rest)."""
-    where = str(path)
-    for key, kind in (("model", str), ("config", dict), ("regions", int), ("source_checkpoint", dict),
-                      ("graphs", dict)):
-        require(manifest, key, kind, where)
-    assert isinstance(manifest, dict)
-    for key in ("img_dim", "vocab_size", "embed_size"):
-        if require(manifest["config"], key, int, f"{where}: config") < 1:
-            raise ArtifactError(f"{where}: config {key!r} must be >= 1, got {manifest['config'][key]}")
-    if manifest["regions"] < 1:
-        raise ArtifactError(f"{where}: 'regions' must be >= 1, got {manifest['regions']}")
-    require(manifest["source_checkpoint"], "sha256", str, f"{where}: source_checkpoint")
-    names: dict[str, set[str]] = {}
-    for graph in GRAPHS:
-        entry = require(manifest["graphs"], graph, dict, f"{where}: graphs")
-        require(entry, "files", dict, f"{where}: graphs.{graph}")
-        for side in ("inputs", "outputs"):
-            for tensor in require(entry, side, list, f"{where}: graphs.{graph}"):
-                context = f"{where}: graphs.{graph}.{side}"
-                require(tensor, "name", str, context)
-                require(tensor, "dtype", str, context)
-                shape = require(tensor, "shape", list, context)
-                if not shape or any(isinstance(d, bool) or not isinstance(d, (int, str)) for d in shape):
-                    raise ArtifactError(f"{context}: {tensor['name']} has shape {shape!r}; dims are sizes or axis names"[:300])
-            names[f"{graph}.{side}"] = {t["name"] for t in entry[side]}
-    features = [t["shape"] for t in manifest["graphs"]["image_encoder"]["inputs"] if t["name"] == "features"]
-    if features != [[N_IMAGES, manifest["regions"], manifest["config"]["img_dim"]]]:
-        raise ArtifactError(f"{where}: image_encoder takes features {features}, not [n_images, regions "
-                            f"{manifest['regions']}, img_dim {manifest['config']['img_dim']}] as the manifest says; re-export")
-    encoded = names["image_encoder.outputs"] | names["text_encoder.outputs"] | {"lengths"}
-    if names["pair_scorer.inputs"] != encoded:
-        raise ArtifactError(f"{where}: pair_scorer inputs {sorted(names['pair_scorer.inputs'])} are not the encoders' "
-                            f"outputs {sorted(encoded)}; re-export")
-    engines = manifest.get("engines", {})
-    if not isinstance(engines, dict) or ("files" in engines and not isinstance(engines["files"], dict)):
-        raise ArtifactError(f"{where}: 'engines' must be an object with a 'files' object; re-export")

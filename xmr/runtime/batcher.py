@@ -180,6 +180,8 @@ class DynamicBatcher(Generic[P, R]):
     def __init__(self, run_batch: Callable[[list[P]], list[R]], config: BatcherConfig = BatcherConfig(),
                  key: Callable[[P], Hashable] = _no_key, size: Callable[[P], int] = _one,
                  name: str = "xmr-batcher") -> None:
+        if not isinstance(config, BatcherConfig):
+            raise InputError(f"a batcher config is a BatcherConfig, got {type(config).__name__}")
         config.validate()
         self.name = name
         self._config = config

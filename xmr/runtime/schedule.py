@@ -12,8 +12,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from xmr.eval.scoring import BLOCK_ELEMENTS
+# The block-budget policy (the one place): the largest per-block intermediate, in elements,
+# pairs x tokens x 2D (IMRAM's memory input). CPU: 2^23 floats (32 MB), measured fastest at the
+# released sizes (bench/scoring_cost.py); larger blocks fall out of cache and lose up to half
+# the throughput. GPU: a fraction of the free device memory, never below the CPU figure.
+CPU_BLOCK_ELEMENTS = 1 << 23
+GPU_MEMORY_FRACTION = 0.5  # of the free device memory, for one block's intermediates
+LIVE_INTERMEDIATES = 8  # per-pair tensors of the block's largest size alive at once (measured upper bound)
+
+
+def default_budget(device: torch.device, element_bytes: int = 4) -> int:
+    """Elements of a block's largest intermediate on ``device`` (``element_bytes``: 2 for fp16)."""
+    if device.type != "cuda":
+        return CPU_BLOCK_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(CPU_BLOCK_ELEMENTS, int(free * GPU_MEMORY_FRACTION) // (element_bytes * LIVE_INTERMEDIATES))
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,7 @@ def pair_elements(regions: int, length: int, dim: int) -> int:
     return (regions + length) * 2 * dim
 
 
-def plan_blocks(n_images: int, lengths: np.ndarray, regions: int, dim: int, budget: int = BLOCK_ELEMENTS["cpu"],
+def plan_blocks(n_images: int, lengths: np.ndarray, regions: int, dim: int, budget: int = CPU_BLOCK_ELEMENTS,
                 limits: Limits = Limits(), bucketed: bool = True) -> Plan:
     """Blocks for scoring ``n_images`` images against captions of ``lengths``.
 

@@ -2,18 +2,18 @@
 
     from xmr.runtime import Scorer
 
-    with Scorer.load("artifacts/imram") as scorer:           # backend="auto", precision="fp32"
-        images = scorer.encode_images(features)              # [N, R, img_dim] region features
-        hits = scorer.search(["a dog runs on the grass"], images, k=5)
-        future = scorer.submit(["two people ride bikes"], images, k=5)   # dynamic batching
+    scorer = Scorer.load("artifacts/imram")                  # backend="auto", precision="fp32"
+    images = scorer.encode_images(features)                  # [N, R, img_dim] region features
+    hits = scorer.search(["a dog runs on the grass"], images, k=5)
 
+A ``Scorer`` starts no thread: it is the offline scorer (``xmr eval``, calibration and the
+benchmarks score through it too, e.g. ``Scorer(TorchBackend.from_model(model, regions))``).
+Online serving with dynamic batching is ``BatchedScorer(scorer, config)`` (``batched.py``).
 See docs/runtime.md for the scheduling and the guarantees.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -25,24 +25,20 @@ import numpy as np
 import torch
 
 from xmr.errors import InputError
-from xmr.eval.scoring import BLOCK_ELEMENTS
 from xmr.export.graphs import LENGTH
 from xmr.progress import progress
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends import Backend, Prepared, create_backend
-from xmr.runtime.batcher import BatcherConfig, BatcherStats, DynamicBatcher
 from xmr.runtime.executor import run_plan
 from xmr.runtime.gallery import Gallery, ImageGallery, TextGallery, concat_texts
 from xmr.runtime.inputs import (
     Tokens, as_features, as_tokens, caption_cap, end_token, limit_length, positive_int, tokenize_captions,
 )
-from xmr.runtime.schedule import Plan, computed_tokens, plan_blocks
+from xmr.runtime.schedule import Plan, computed_tokens, default_budget, plan_blocks
 
 log = logging.getLogger("xmr.runtime")
 
 ENCODE_BATCH = {"cpu": 128, "cuda": 512}  # items per encoder launch
-GPU_MEMORY_FRACTION = 0.5  # of the free device memory, for one block's intermediates
-LIVE_INTERMEDIATES = 8  # per-pair tensors of the block's largest size alive at once (measured upper bound)
 
 Captions = Union[Sequence[str], tuple[Any, Any], TextGallery]
 Images = Union[np.ndarray, torch.Tensor, ImageGallery]
@@ -57,32 +53,46 @@ class SearchResult:
 
 
 @dataclass(frozen=True)
-class _Search:
-    query: Gallery  # encoded query (captions for images, images for captions)
+class SearchRequest:
+    """A checked search: the encoded query (captions for images, images for captions), the gallery, k."""
+
+    query: Gallery
     gallery: Gallery
     k: int
 
 
 @dataclass(frozen=True)
-class _Pairs:
+class PairsRequest:
+    """Checked ``score_pairs`` input: both galleries and ``[n, 2]`` int64 (image, caption) pairs."""
+
     images: ImageGallery
     texts: TextGallery
     pairs: np.ndarray
 
 
 class Scorer:
-    """Scores (image, caption) pairs with one backend; thread-safe."""
+    """Scores (image, caption) pairs with one backend; thread-safe (one launch sequence at a time).
 
-    def __init__(self, artifacts: Artifacts, backend: Backend, block_budget: int | None = None,
-                 max_length: int | None = None, truncate: bool = True, batcher: BatcherConfig | None = None) -> None:
-        _check_options(block_budget, truncate, batcher)
+    ``block_budget``: floats of a block's largest intermediate (default: ``schedule.default_budget``, 2^23
+    on CPU, a fraction of free memory on a GPU). ``max_length``: the longest caption in tokens
+    (see ``load``). ``bucketed=False`` keeps captions in their given order when cutting blocks:
+    the baseline that length bucketing is measured against."""
+
+    def __init__(self, backend: Backend, *, block_budget: int | None = None, max_length: int | None = None,
+                 truncate: bool = True, bucketed: bool = True) -> None:
+        _check_options(block_budget, truncate, bucketed)
+        if not isinstance(backend, Backend):
+            raise InputError(f"a Scorer needs a Backend (Scorer.load builds one from artifacts), got "
+                             f"{type(backend).__name__}")
+        artifacts = backend.artifacts
         self.artifacts = artifacts
         self._backend = backend
         self.vocab = artifacts.vocab
         self.max_length = caption_cap(max_length, backend.limits.length)
         self.truncate = truncate
-        self.block_budget = self._default_budget() if block_budget is None else block_budget
-        self.bucketed = True  # sort captions by length into blocks (False: only for measuring what that saves)
+        element_bytes = 2 if backend.precision == "fp16" else 4
+        self.block_budget = default_budget(backend.device, element_bytes) if block_budget is None else block_budget
+        self.bucketed = bucketed
         self._lock = threading.RLock()  # one launch sequence at a time on the backend
         self._counters = {"pairs_scored": 0, "launches": 0, "real_tokens": 0, "computed_tokens": 0}
         text_outputs = artifacts.outputs("text_encoder")
@@ -90,13 +100,11 @@ class Scorer:
         self._gallery_tensors = {  # what a gallery for this scorer holds: dtype and dims after the item (and length) axes
             "images": {t.name: (t.dtype, t.shape[1:]) for t in artifacts.outputs("image_encoder")},
             "texts": {t.name: (t.dtype, [d for d in t.shape[1:] if d != LENGTH]) for t in text_outputs}}
-        self._batcher: DynamicBatcher[_Search | _Pairs, Any] = DynamicBatcher(
-            self._run_batch, batcher or BatcherConfig(), key=_batch_key, size=_batch_size, name="xmr-scorer")
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "auto", precision: str = "fp32", device: str | None = None,
              *, threads: int | None = None, block_budget: int | None = None, max_length: int | None = None,
-             truncate: bool = True, batcher: BatcherConfig | None = None, verify: bool = True) -> Scorer:
+             truncate: bool = True, bucketed: bool = True, verify: bool = True) -> Scorer:
         """A scorer over ``xmr export``'s artifacts.
 
         ``backend``: ``auto`` (the fastest available for ``precision``), ``tensorrt``,
@@ -107,17 +115,17 @@ class Scorer:
         and ``<end>`` included (default: 128, or the TensorRT profile's longest when
         that is smaller; at least 3, at most that profile's); longer captions are cut with an
         ``InputWarning``, or refused if ``truncate`` is false, and raw text beyond the cap is
-        never tokenised. ``batcher``: dynamic batching of ``submit``. ``verify``: check every
+        never tokenised. ``bucketed``: see the class. ``verify``: check every
         file against the manifest's sha256 (False: file names are still confined to the
         artifact directory, only the hashing is skipped)."""
         if threads is not None:
             positive_int(threads, "threads")
         if max_length is not None:
             caption_cap(max_length, None)  # its range now; the engines' limit once the backend is known
-        _check_options(block_budget, truncate, batcher)
+        _check_options(block_budget, truncate, bucketed)
         artifacts = Artifacts.open(artifact_dir, verify)
         chosen = create_backend(artifacts, backend, precision, device, threads=threads)
-        scorer = cls(artifacts, chosen, block_budget, max_length, truncate, batcher)
+        scorer = cls(chosen, block_budget=block_budget, max_length=max_length, truncate=truncate, bucketed=bucketed)
         log.info("xmr runtime: %s %s, %s (asked: backend=%s)", artifacts.kind, artifact_dir, chosen.describe(), backend)
         return scorer
 
@@ -256,17 +264,19 @@ class Scorer:
         return plan_blocks(len(images), texts.lengths.numpy(), self.artifacts.regions,
                            self.artifacts.config["embed_size"], self.block_budget, self._backend.limits, self.bucketed)
 
-    def score(self, images: Images, texts: Captions, show_progress: bool = False) -> np.ndarray:
+    def score(self, images: Images, texts: Captions, show_progress: bool = False,
+              description: str = "score") -> np.ndarray:
         """float32 scores ``[Ni, Nt]`` of every (image, caption) pair; galleries or raw inputs."""
         return self._score(self._images(images, "score(images, texts): images"),
-                           self._texts(texts, "score(images, texts): texts"), show_progress)
+                           self._texts(texts, "score(images, texts): texts"), show_progress, description)
 
-    def _score(self, image_gallery: ImageGallery, text_gallery: TextGallery, show_progress: bool = False) -> np.ndarray:
+    def _score(self, image_gallery: ImageGallery, text_gallery: TextGallery, show_progress: bool = False,
+               description: str = "score") -> np.ndarray:
         """``score`` of galleries this scorer already checked (``_own``)."""
         plan = self._plan(image_gallery, text_gallery)
         out = np.empty((len(image_gallery), len(text_gallery)), dtype=np.float32)
         with self._lock, progress(show_progress) as bar:
-            task = bar.add_task("score", total=plan.launches, info=f"{out.shape[0]}x{out.shape[1]} pairs")
+            task = bar.add_task(description, total=plan.launches, info=f"{out.shape[0]}x{out.shape[1]} pairs")
             run_plan(self._backend, image_gallery, text_gallery, plan, out, lambda: bar.advance(task))
             self._count(plan, text_gallery.lengths.numpy())
         return out
@@ -280,9 +290,10 @@ class Scorer:
     def search(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
         """Top-``k`` gallery items per query: captions against an ``ImageGallery`` (text -> image),
         images against a ``TextGallery`` (image -> text)."""
-        return self._search(self._search_request(query, gallery, k))
+        return self.run_search(self.search_request(query, gallery, k))
 
-    def _search_request(self, query: Images | Captions, gallery: Gallery, k: int) -> _Search:
+    def search_request(self, query: Images | Captions, gallery: Gallery, k: int) -> SearchRequest:
+        """``search``'s input checked and its query encoded (an ``InputError`` if anything is wrong)."""
         k = positive_int(k, "k")
         if isinstance(gallery, ImageGallery):
             encoded: Gallery = self._texts(query, "search's query against an ImageGallery")  # type: ignore[arg-type]
@@ -290,9 +301,10 @@ class Scorer:
             encoded = self._images(query, "search's query against a TextGallery")  # type: ignore[arg-type]
         else:
             raise InputError(f"search needs an ImageGallery or TextGallery to search, got {_describe(gallery)}")
-        return _Search(encoded, self._own(gallery, Gallery, "search's gallery"), k)
+        return SearchRequest(encoded, self._own(gallery, Gallery, "search's gallery"), k)
 
-    def _search(self, request: _Search) -> SearchResult:
+    def run_search(self, request: SearchRequest) -> SearchResult:
+        """The top-k of a checked request (``search_request``)."""
         if isinstance(request.gallery, ImageGallery):
             scores = self._score(request.gallery, request.query).T  # type: ignore[arg-type]  # (queries, images)
         else:
@@ -301,14 +313,15 @@ class Scorer:
 
     def score_pairs(self, images: Images, texts: Captions, pairs: object) -> np.ndarray:
         """Scores of arbitrary ``(image index, caption index)`` pairs, ``[n_pairs]`` float32."""
-        return self._score_pairs(self._pairs_request(images, texts, pairs))
+        return self.run_pairs(self.pairs_request(images, texts, pairs))
 
-    def _pairs_request(self, images: Images, texts: Captions, pairs: object) -> _Pairs:
+    def pairs_request(self, images: Images, texts: Captions, pairs: object) -> PairsRequest:
+        """``score_pairs``'s input checked and encoded."""
         image_gallery = self._images(images, "score_pairs(images, texts, pairs): images")
         text_gallery = self._texts(texts, "score_pairs(images, texts, pairs): texts")
-        return _Pairs(image_gallery, text_gallery, check_pairs(pairs, len(image_gallery), len(text_gallery)))
+        return PairsRequest(image_gallery, text_gallery, check_pairs(pairs, len(image_gallery), len(text_gallery)))
 
-    def _score_pairs(self, request: _Pairs) -> np.ndarray:
+    def run_pairs(self, request: PairsRequest) -> np.ndarray:
         """Pairs grouped by caption; captions asking for the same set of images share one
         ``score`` call (that set x those captions), so when every caption asks for the same
         images nothing but the requested pairs is computed."""
@@ -325,61 +338,11 @@ class Scorer:
             out[mine] = sub[np.searchsorted(image_index, pairs[mine, 0]), np.searchsorted(caption_index, pairs[mine, 1])]
         return out
 
-    # -- online serving
-    def submit(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> concurrent.futures.Future[SearchResult]:
-        """``search`` through the dynamic batcher: requests against the same gallery are
-        coalesced into one launch sequence. Input is checked (and encoded) here, so a bad
-        request raises at once; a full queue raises ``QueueFullError``."""
-        return self._batcher.submit(self._search_request(query, gallery, k))
-
-    def submit_pairs(self, images: Images, texts: Captions, pairs: object) -> concurrent.futures.Future[np.ndarray]:
-        """``score_pairs`` through the dynamic batcher."""
-        return self._batcher.submit(self._pairs_request(images, texts, pairs))
-
-    async def search_async(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
-        """``submit`` for asyncio code: awaits the batched result without blocking the loop."""
-        return await asyncio.wrap_future(self.submit(query, gallery, k))
-
-    def _run_batch(self, requests: list[_Search | _Pairs]) -> list[Any]:
-        if isinstance(requests[0], _Pairs):
-            return self._run_pairs_batch(requests)  # type: ignore[arg-type]
-        return self._run_search_batch(requests)  # type: ignore[arg-type]
-
-    def _run_search_batch(self, requests: list[_Search]) -> list[SearchResult]:
-        """One ``score`` of every request's queries against the shared gallery, split per request."""
-        query = _concat([r.query for r in requests])
-        merged = self._search(_Search(query, requests[0].gallery, max(r.k for r in requests)))
-        results, start = [], 0
-        for r in requests:
-            rows = slice(start, start + len(r.query))
-            results.append(SearchResult(merged.indices[rows, : r.k], merged.scores[rows, : r.k]))
-            start = rows.stop
-        return results
-
-    def _run_pairs_batch(self, requests: list[_Pairs]) -> list[np.ndarray]:
-        merged = self._score_pairs(_Pairs(requests[0].images, requests[0].texts, np.concatenate([r.pairs for r in requests])))
-        return np.split(merged, np.cumsum([len(r.pairs) for r in requests])[:-1])
-
-    @property
-    def batcher_config(self) -> BatcherConfig:
-        return self._batcher.config
-
-    @batcher_config.setter
-    def batcher_config(self, config: BatcherConfig) -> None:
-        """New batching limits (checked), applied from the next batch on (requests already queued stay)."""
-        self._batcher.config = config
-
-    def stats(self) -> dict[str, Any]:
-        """Counters: scoring (pairs, launches, padding efficiency) and the dynamic batcher's."""
-        counters = dict(self._counters)
-        counters["padding_efficiency"] = (counters["real_tokens"] / counters["computed_tokens"]
-                                          if counters["computed_tokens"] else 1.0)
-        batcher: BatcherStats = self._batcher.stats()
-        return {**counters, "batcher": batcher}
-
     def close(self) -> None:
-        """Finish every submitted request, then refuse new ones."""
-        self._batcher.close()
+        """Release the backend (sessions, engines, the model and its device memory); the scorer
+        refuses work afterwards. ``with Scorer.load(...) as scorer:`` closes it on exit."""
+        with self._lock:
+            self._backend.release()
 
     def __enter__(self) -> Scorer:
         return self
@@ -387,13 +350,13 @@ class Scorer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _default_budget(self) -> int:
-        device = self._backend.device
-        if device.type != "cuda":
-            return BLOCK_ELEMENTS["cpu"]
-        free, _ = torch.cuda.mem_get_info(device)
-        element = 2 if self.precision == "fp16" else 4
-        return max(BLOCK_ELEMENTS["cpu"], int(free * GPU_MEMORY_FRACTION) // (element * LIVE_INTERMEDIATES))
+    def stats(self) -> dict[str, Any]:
+        """Scoring counters: pairs, launches, real and computed caption tokens, padding efficiency."""
+        with self._lock:
+            counters: dict[str, Any] = dict(self._counters)
+        counters["padding_efficiency"] = (counters["real_tokens"] / counters["computed_tokens"]
+                                          if counters["computed_tokens"] else 1.0)
+        return counters
 
 
 def top_k(scores: np.ndarray, k: int) -> SearchResult:
@@ -428,31 +391,9 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _check_options(block_budget: object, truncate: object, batcher: object) -> None:
+def _check_options(block_budget: object, truncate: object, bucketed: object) -> None:
     if block_budget is not None:
         positive_int(block_budget, "block_budget (floats of a block's largest intermediate)")
-    if not isinstance(truncate, bool):
-        raise InputError(f"truncate must be True or False, got {truncate!r}"[:200])
-    if batcher is not None and not isinstance(batcher, BatcherConfig):
-        raise InputError(f"batcher must be a BatcherConfig, got {type(batcher).__name__}")
-
-
-def _concat(galleries: list[Gallery]) -> Gallery:
-    """One gallery of several, in order."""
-    first = galleries[0]
-    if len(galleries) == 1:
-        return first
-    if isinstance(first, TextGallery):
-        return concat_texts(galleries)  # type: ignore[arg-type]
-    items = {n: torch.cat([g.items[n] for g in galleries]) for n in first.items}
-    return type(first)(items, first.identity, first.precision)
-
-
-def _batch_key(request: _Search | _Pairs) -> tuple:
-    if isinstance(request, _Pairs):
-        return ("pairs", id(request.images), id(request.texts))
-    return ("search", id(request.gallery))
-
-
-def _batch_size(request: _Search | _Pairs) -> int:
-    return len(request.pairs) if isinstance(request, _Pairs) else len(request.query)
+    for name, value in (("truncate", truncate), ("bucketed", bucketed)):
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}"[:200])

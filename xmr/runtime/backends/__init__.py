@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from xmr.errors import BackendUnavailableError, InputError
+from xmr.device import resolve_device
+from xmr.errors import BackendUnavailableError, ConfigError, InputError
 from xmr.export.tensorrt import load_tensorrt
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import PRECISIONS, Backend, Prepared
@@ -16,29 +15,22 @@ from xmr.runtime.backends.torch_backend import TorchBackend
 
 BACKENDS = {"tensorrt": TensorRTBackend, "onnxruntime": OnnxRuntimeBackend, "torch": TorchBackend}
 
-__all__ = ["BACKENDS", "PRECISIONS", "Backend", "Prepared", "auto_candidates", "create_backend", "check_device"]
-
-DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+__all__ = ["BACKENDS", "PRECISIONS", "Backend", "OnnxRuntimeBackend", "Prepared", "TensorRTBackend", "TorchBackend",
+           "auto_candidates", "check_device", "create_backend"]
 
 
 def check_device(device: object, backend: str) -> str | None:
-    """``device`` as ``None``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a CUDA device must exist here."""
+    """``device`` as ``None``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (``xmr.device.resolve_device``:
+    a CUDA device must exist here); a bad spelling is an ``InputError``."""
     if device is None:
         return None
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str) or not DEVICE.fullmatch(device):
-        raise InputError(f"unknown device {device!r}; choose from cpu, cuda, cuda:N (N: a GPU index), or leave it "
-                         f"unset (a GPU when there is one)")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"{backend} on {device}: no CUDA GPU is available here "
-                                          f"(torch.cuda.is_available() is False); use device='cpu' or leave it unset")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise BackendUnavailableError(f"{backend} on {device}: this machine has {torch.cuda.device_count()} "
-                                          f"CUDA GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    return device
+    try:
+        resolve_device(device)  # type: ignore[arg-type]
+    except ConfigError as e:
+        raise InputError(f"{e}, or leave it unset (a GPU when there is one)") from e
+    except BackendUnavailableError as e:
+        raise BackendUnavailableError(f"{backend} on {e}") from e
+    return str(device)
 
 
 def auto_candidates(artifacts: Artifacts, precision: str, device: str | None) -> list[str]:

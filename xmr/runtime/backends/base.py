@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from xmr.errors import InputError
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.schedule import Limits
 
@@ -44,6 +45,12 @@ class Backend(ABC):
     def describe(self) -> str:
         return f"{self.name} {self.precision} on {self.device}"
 
+    def release(self) -> None:
+        """Drop what the backend holds (sessions, engines, model); later calls raise ``InputError``."""
+        for name in ("sessions", "engines", "contexts", "model"):
+            if hasattr(self, name):
+                setattr(self, name, _Released(self.describe()))
+
 
 class GraphBackend(Backend):
     """A backend that runs the three exported graphs by name (ONNX Runtime, TensorRT)."""
@@ -60,3 +67,16 @@ class GraphBackend(Backend):
 
     def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
         return self._run("pair_scorer", {**images, **texts, "lengths": lengths})["scores"]
+
+
+class _Released:
+    """Stands in for what a released backend held: any use says so in one line."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __getattr__(self, name: str) -> object:
+        raise InputError(f"this scorer was closed ({self._what}); load a new one")
+
+    def __getitem__(self, key: object) -> object:
+        raise InputError(f"this scorer was closed ({self._what}); load a new one")

@@ -8,16 +8,38 @@ bus between the encoders and the pair scorer.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from xmr.errors import ArtifactError, BackendUnavailableError
-from xmr.eval.hardware import available_cores
-from xmr.eval.onnx_scoring import onnx_sessions
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import GraphBackend
 from xmr.runtime.inputs import positive_int
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's count): the CPU
+    backend's default intra-op threads, and what the benchmark's utilisation is relative to."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def onnx_sessions(paths: dict[str, Path], threads: int = 0, providers: list | None = None) -> dict:
+    """An ONNX Runtime session per graph, created once; ``threads`` intra-op threads (0: ONNX
+    Runtime's default, all cores); CPU unless ``providers`` says otherwise."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # no notes about unused initializers
+    return {name: ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+            for name, path in paths.items()}
 
 
 def cuda_provider_available() -> bool:
@@ -32,7 +54,10 @@ class OnnxRuntimeBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, paths: dict[str, Path] | None = None) -> None:
+        """Sessions over the artifacts' ``precision`` graphs, or over ``paths`` (graph name ->
+        file: graphs made from these artifacts' fp32 ones, e.g. INT8 candidates, read with
+        the artifacts' IO spec)."""
         super().__init__(artifacts, precision)
         try:
             import onnxruntime  # noqa: F401
@@ -46,7 +71,7 @@ class OnnxRuntimeBackend(GraphBackend):
         providers = ([("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
                      if self.device.type == "cuda" else ["CPUExecutionProvider"])
         self.threads = available_cores() if threads is None else positive_int(threads, "threads")
-        paths = {g: artifacts.graph(g, precision) for g in GRAPHS}
+        paths = paths or {g: artifacts.graph(g, precision) for g in GRAPHS}
         try:
             self.sessions = onnx_sessions(paths, self.threads, providers)
         except Exception as e:  # onnxruntime raises its own types for files it cannot read

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from xmr.errors import BackendUnavailableError
-from xmr.export.graphs import IMAGE_PREFIX, TEXT_PREFIX
+from xmr.export.graphs import PreparedIO
+from xmr.models.base import RetrievalModel
 from xmr.models.checkpoint import load_checkpoint
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import Backend, Prepared
@@ -17,8 +18,13 @@ from xmr.runtime.backends.base import Backend, Prepared
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None) -> None:
+    def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None,
+                 model: RetrievalModel | None = None) -> None:
+        """The artifacts' checkpoint, or ``model`` itself (``from_model``: no copy, scored where it is)."""
         super().__init__(artifacts, precision)
+        if model is not None:
+            self.device, self.dtype, self.model = next(model.parameters()).device, torch.float32, model
+            return
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("torch on cuda: no CUDA GPU is available to PyTorch here")
@@ -31,18 +37,29 @@ class TorchBackend(Backend):
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.model = model.to(self.device, self.dtype)
 
+    @classmethod
+    def from_model(cls, model: RetrievalModel, regions: int) -> TorchBackend:
+        """A backend over an in-memory model (fp32, on its device) for ``regions`` regions per
+        image: how ``xmr eval`` and training score through the runtime without exporting."""
+        return cls(Artifacts.of_model(model, regions), "fp32", model=model.eval())
+
+    @property
+    def io(self) -> PreparedIO:
+        """The model's prepared tensors under the graphs' names (``image_*``, ``text_*``; ``lengths`` apart)."""
+        return PreparedIO(self.model.prepared_spec())
+
     @torch.no_grad()
     def encode_images(self, features: torch.Tensor) -> Prepared:
         prepared = self.model.prepare_images(self.model.encode_images(features.to(self.dtype)))
-        return {IMAGE_PREFIX + name: t.float() for name, t in prepared.items()}
+        return {name: t.float() for name, t in self.io.to_graph_images(prepared).items()}
 
     @torch.no_grad()
     def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
         prepared = self.model.prepare_texts(self.model.encode_texts(ids, lengths), lengths)
-        return {TEXT_PREFIX + name: t.float() for name, t in prepared.items() if name != "lengths"}
+        return {name: t.float() for name, t in self.io.to_graph_texts(prepared).items()}
 
     @torch.no_grad()
     def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
-        image_items = {name.removeprefix(IMAGE_PREFIX): t.to(self.dtype) for name, t in images.items()}
-        text_items = {name.removeprefix(TEXT_PREFIX): t.to(self.dtype) for name, t in texts.items()}
-        return self.model.score_prepared(image_items, {**text_items, "lengths": lengths}).float()
+        images = {name: t.to(self.dtype) for name, t in images.items()}
+        texts = {name: t.to(self.dtype) for name, t in texts.items()}
+        return self.model.score_prepared(*self.io.from_graph(images, texts, lengths)).float()

@@ -19,7 +19,8 @@ from xmr.calibration.calibrate import calibrate_artifacts
 from xmr.calibration.dataset import CalibrationConfig
 from xmr.data import SynthConfig, Vocabulary, write_synthetic
 from xmr.data.synth import synthetic_words
-from xmr.export.artifacts import MANIFEST, export_artifacts, read_manifest
+from xmr.export.artifacts import export_artifacts
+from xmr.export.manifest import MANIFEST, read_manifest
 from xmr.models import build_model, make_config
 from xmr.models.checkpoint import save_checkpoint
 

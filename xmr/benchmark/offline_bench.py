@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from xmr.benchmark.hardware import Hardware, UtilisationMonitor
+from xmr.benchmark.workload import Inputs
 from xmr.calibration.accuracy import accuracy, mean_rank_agreement
+from xmr.config import check_float, check_int
 from xmr.data import load_split
 from xmr.data.precomp import PrecompSplit
-from xmr.config import check_float, check_int
 from xmr.errors import XmrError
-from xmr.eval.hardware import Hardware, UtilisationMonitor
-from xmr.eval.workload import Inputs
+from xmr.eval import model_scorer, split_scores
 from xmr.models.base import RetrievalModel
 from xmr.models.checkpoint import load_checkpoint
 from xmr.models.flops import encoder_flops, released_evaluation_flops, scoring_cost
@@ -99,7 +100,7 @@ def measure_backend(artifacts: Path, backend: str, precision: str, device: str |
         pairs, score_seconds = score_for_seconds(scorer, images, texts, config.seconds, scorer.device)
         efficiency = scorer.stats()["padding_efficiency"]
         del images, texts
-        split_scores = scorer.score(split.features, split.captions)
+        accuracy_scores = split_scores(scorer, split)
     pairs_per_second = pairs / score_seconds
     n_pairs = config.images * config.captions
     encode_total = image_seconds * config.images / len(inputs.features) + caption_seconds * config.captions / sample
@@ -110,7 +111,7 @@ def measure_backend(artifacts: Path, backend: str, precision: str, device: str |
             "score_seconds": n_pairs / pairs_per_second, "total_seconds": encode_total + n_pairs / pairs_per_second,
             "extrapolated": pairs < n_pairs or sample < config.captions, "padding_efficiency": efficiency,
             "peak_process_bytes": util.peak_rss_bytes, "peak_gpu_bytes": util.peak_gpu_bytes, "cpu_utilisation": util.cpu,
-            "gpu_utilisation": util.gpu, "_split_scores": split_scores}
+            "gpu_utilisation": util.gpu, "_split_scores": accuracy_scores}
 
 
 def authors_baseline(model: RetrievalModel, inputs: Inputs, config: OfflineConfig, device: str) -> dict[str, Any]:
@@ -189,9 +190,7 @@ def run_offline(artifacts: Path, data: Path, inputs: Inputs, config: OfflineConf
                          split.name)
     model = load_checkpoint(opened.checkpoint())
     torch_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.no_grad():
-        ids, lengths = split.caption_batch(range(split.n_captions))
-        reference = model.similarity(split.image_batch(range(split.n_images)), ids, lengths).numpy()
+    reference = split_scores(model_scorer(model, split), split)
     rows = []
     for backend, precision in candidates:
         advance(f"{backend} {precision}")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from xmr.runtime.backends.onnxruntime_backend import available_cores
+
 # dense peak FLOP/s (int8: OP/s) from NVIDIA's datasheets; the first matching name wins
 GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
     ("H100 PCIe", {"fp32": 51.2e12, "fp16": 756e12, "int8": 1513e12}),
@@ -41,13 +43,6 @@ class Hardware:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _cpuinfo() -> dict[str, str]:

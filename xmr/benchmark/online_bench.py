@@ -1,4 +1,4 @@
-"""Online serving under load: top-k searches through ``Scorer.submit`` and its dynamic batcher.
+"""Online serving under load: top-k searches through ``BatchedScorer.submit`` and its dynamic batcher.
 
 Closed loop: C clients, each sending its next request when the previous one returns.
 Open loop: requests arrive as a Poisson process at rate λ whatever the server does, so
@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xmr.benchmark.hardware import UtilisationMonitor
 from xmr.config import check_float, check_int
 from xmr.errors import ConfigError
-from xmr.eval.hardware import UtilisationMonitor
-from xmr.runtime import BatcherConfig, QueueFullError, Scorer
+from xmr.runtime import BatchedScorer, BatcherConfig, QueueFullError
 from xmr.runtime.batcher import BatcherStats
 from xmr.runtime.gallery import Gallery
 
@@ -75,16 +75,16 @@ def stats_delta(before: BatcherStats, after: BatcherStats) -> dict[str, Any]:
             "mean_compute_ms_per_batch": 1e3 * (after.compute_seconds - before.compute_seconds) / batches if batches else None}
 
 
-def _measure(scorer: Scorer, run: Callable[[], tuple[list[float], int, float]], setting: dict[str, Any]) -> dict[str, Any]:
-    before = scorer.stats()["batcher"]
-    with UtilisationMonitor(scorer.device) as util:
+def _measure(front: BatchedScorer, run: Callable[[], tuple[list[float], int, float]], setting: dict[str, Any]) -> dict[str, Any]:
+    before = front.stats()["batcher"]
+    with UtilisationMonitor(front.scorer.device) as util:
         latencies, rejected, seconds = run()
     return {**setting, "completed": len(latencies), "rejected_at_submit": rejected, "seconds": seconds,
             "qps": len(latencies) / seconds, **percentiles(latencies),
-            **stats_delta(before, scorer.stats()["batcher"]), "cpu_utilisation": util.cpu, "gpu_utilisation": util.gpu}
+            **stats_delta(before, front.stats()["batcher"]), "cpu_utilisation": util.cpu, "gpu_utilisation": util.gpu}
 
 
-def closed_loop(scorer: Scorer, workload: Workload, clients: int, config: OnlineConfig) -> dict[str, Any]:
+def closed_loop(front: BatchedScorer, workload: Workload, clients: int, config: OnlineConfig) -> dict[str, Any]:
     def run() -> tuple[list[float], int, float]:
         latencies: list[float] = []
         lock, start = threading.Lock(), time.perf_counter()
@@ -94,7 +94,7 @@ def closed_loop(scorer: Scorer, workload: Workload, clients: int, config: Online
             i = offset
             while time.perf_counter() < deadline:
                 sent = time.perf_counter()
-                scorer.submit(workload.queries[i % len(workload.queries)], workload.gallery, config.k).result()
+                front.submit(workload.queries[i % len(workload.queries)], workload.gallery, config.k).result()
                 with lock:
                     latencies.append(time.perf_counter() - sent)
                 i += clients
@@ -106,11 +106,11 @@ def closed_loop(scorer: Scorer, workload: Workload, clients: int, config: Online
             t.join()
         return latencies, 0, time.perf_counter() - start
 
-    return _measure(scorer, run, {"workload": workload.name, "mode": "closed", "clients": clients,
-                                  "max_queue_delay_ms": scorer.batcher_config.max_queue_delay_ms})
+    return _measure(front, run, {"workload": workload.name, "mode": "closed", "clients": clients,
+                                  "max_queue_delay_ms": front.config.max_queue_delay_ms})
 
 
-def open_loop(scorer: Scorer, workload: Workload, rate: float, config: OnlineConfig) -> dict[str, Any]:
+def open_loop(front: BatchedScorer, workload: Workload, rate: float, config: OnlineConfig) -> dict[str, Any]:
     """Poisson arrivals at ``rate`` per second for ``config.seconds``. Each arrival is sent from
     a pool of sender threads (as a server's request handlers would), so a slow submit (the
     query is encoded there) never delays later arrivals; every accepted request is waited for,
@@ -127,7 +127,7 @@ def open_loop(scorer: Scorer, workload: Workload, rate: float, config: OnlineCon
 
         def send(i: int, arrived: float) -> None:
             try:
-                future = scorer.submit(workload.queries[i % len(workload.queries)], workload.gallery, config.k)
+                future = front.submit(workload.queries[i % len(workload.queries)], workload.gallery, config.k)
             except QueueFullError:
                 with lock:
                     rejected[0] += 1
@@ -148,8 +148,8 @@ def open_loop(scorer: Scorer, workload: Workload, rate: float, config: OnlineCon
             time.sleep(1e-3)
         return latencies, rejected[0], max(time.perf_counter() - start, config.seconds)
 
-    return _measure(scorer, run, {"workload": workload.name, "mode": "open", "rate": rate,
-                                  "max_queue_delay_ms": scorer.batcher_config.max_queue_delay_ms})
+    return _measure(front, run, {"workload": workload.name, "mode": "open", "rate": rate,
+                                  "max_queue_delay_ms": front.config.max_queue_delay_ms})
 
 
 def _record(latencies: list[float], lock: threading.Lock, latency: float) -> None:
@@ -157,26 +157,26 @@ def _record(latencies: list[float], lock: threading.Lock, latency: float) -> Non
         latencies.append(latency)
 
 
-def run_online(scorer: Scorer, workloads: list[Workload], config: OnlineConfig,
+def run_online(front: BatchedScorer, workloads: list[Workload], config: OnlineConfig,
                advance: Callable[[str], None] = lambda label: None) -> list[dict[str, Any]]:
     """Closed-loop sweep over clients, open-loop sweep over rates (fractions of the closed
     loop's best QPS), and a max_queue_delay_ms sweep at the most clients, per workload."""
     base = BatcherConfig(config.max_batch, config.delays_ms[0] if config.delays_ms else 2.0, config.max_queue)
     results = []
     for workload in workloads:
-        scorer.batcher_config = base
+        front.config = base
         closed = []
         for clients in config.clients:
             advance(f"{workload.name}: {clients} clients")
-            closed.append(closed_loop(scorer, workload, clients, config))
+            closed.append(closed_loop(front, workload, clients, config))
         results += closed
         best = max(r["qps"] for r in closed)
         for fraction in config.load_fractions:
             advance(f"{workload.name}: {fraction:g} x {best:.1f} req/s")
-            results.append({**open_loop(scorer, workload, max(best * fraction, 0.1), config), "load_fraction": fraction})
+            results.append({**open_loop(front, workload, max(best * fraction, 0.1), config), "load_fraction": fraction})
         for delay in config.delays_ms[1:]:
-            scorer.batcher_config = BatcherConfig(config.max_batch, delay, config.max_queue)
+            front.config = BatcherConfig(config.max_batch, delay, config.max_queue)
             advance(f"{workload.name}: max_queue_delay_ms {delay:g}")
-            results.append(closed_loop(scorer, workload, max(config.clients), config))
-    scorer.batcher_config = base
+            results.append(closed_loop(front, workload, max(config.clients), config))
+    front.config = base
     return results

@@ -15,17 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from xmr.benchmark.hardware import hardware_for
+from xmr.benchmark.offline_bench import CANDIDATES, OfflineConfig, run_offline
+from xmr.benchmark.online_bench import OnlineConfig, Workload, run_online
+from xmr.benchmark.workload import accuracy_data, build_default_artifacts, random_inputs
 from xmr.config import check_int
-from xmr.errors import ConfigError, XmrError
-from xmr.eval.hardware import hardware_for
-from xmr.eval.offline_bench import CANDIDATES, OfflineConfig, run_offline
-from xmr.eval.online_bench import OnlineConfig, Workload, run_online
-from xmr.eval.workload import accuracy_data, build_default_artifacts, random_inputs
-from xmr.export.artifacts import MANIFEST, export_artifacts, read_manifest, tool_versions
 from xmr.device import resolve_device
+from xmr.errors import ConfigError, XmrError
+from xmr.export.artifacts import export_artifacts, tool_versions
+from xmr.export.manifest import MANIFEST, read_manifest
 from xmr.outputs import check_output_dir, write_text
 from xmr.progress import progress
-from xmr.runtime import Scorer
+from xmr.runtime import BatchedScorer, Scorer
 
 REPORT, PLOT = "serve_bench.json", "serve_bench.png"
 FORMAT = "xmr-serve-bench"
@@ -139,7 +140,8 @@ def run_serve_bench(config: ServeBenchConfig, show_progress: bool = True) -> dic
             raise XmrError(f"no backend/precision could run here ({reasons or 'none selected'})")
         best = max(measured, key=lambda r: r["pairs_per_second"])
         with Scorer.load(artifacts, backend=best["backend"], precision=best["precision"], device=config.device) as scorer:
-            online = run_online(scorer, workloads(scorer, inputs, config.online), config.online, advance)
+            with BatchedScorer(scorer) as front:
+                online = run_online(front, workloads(scorer, inputs, config.online), config.online, advance)
     return {"format": FORMAT, "environment": environment(), "hardware": hardware.as_dict(),
             "config": _jsonable(dataclasses.asdict(config)), "artifacts": str(artifacts), "model": manifest["model"],
             "model_config": model_config, "regions": manifest["regions"],

@@ -1,0 +1,107 @@
+"""``BatchedScorer``: the online front of a ``Scorer`` — dynamic batching of concurrent requests.
+
+    scorer = Scorer.load("artifacts/imram")
+    with BatchedScorer(scorer, BatcherConfig(max_batch=64, max_queue_delay_ms=2)) as front:
+        future = front.submit(["two people ride bikes"], images, k=5)   # from any thread
+        hits = future.result()
+
+Each request is checked and encoded when it is submitted (a bad one raises at once); requests
+against the same gallery are merged into one ``Scorer`` launch sequence and the result is split
+per request (the policy of forming batches is ``batcher.DynamicBatcher``'s). The ``Scorer``
+knows nothing of requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmr.runtime.batcher import BatcherConfig, DynamicBatcher
+from xmr.runtime.gallery import Gallery, TextGallery, concat_texts
+from xmr.runtime.scorer import Captions, Images, PairsRequest, Scorer, SearchRequest, SearchResult
+
+Request = SearchRequest | PairsRequest
+
+
+class BatchedScorer:
+    """``search`` and ``score_pairs`` through a dynamic batcher (one worker thread); thread-safe."""
+
+    def __init__(self, scorer: Scorer, config: BatcherConfig | None = None) -> None:
+        self.scorer = scorer
+        self._batcher: DynamicBatcher[Request, Any] = DynamicBatcher(
+            self._run_batch, config or BatcherConfig(), key=_batch_key, size=_batch_size, name="xmr-scorer")
+
+    def submit(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> concurrent.futures.Future[SearchResult]:
+        """``Scorer.search`` through the batcher; a full queue raises ``QueueFullError``."""
+        return self._batcher.submit(self.scorer.search_request(query, gallery, k))
+
+    def submit_pairs(self, images: Images, texts: Captions, pairs: object) -> concurrent.futures.Future[np.ndarray]:
+        """``Scorer.score_pairs`` through the batcher."""
+        return self._batcher.submit(self.scorer.pairs_request(images, texts, pairs))
+
+    async def search_async(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
+        """``submit`` for asyncio code: awaits the batched result without blocking the loop."""
+        return await asyncio.wrap_future(self.submit(query, gallery, k))
+
+    @property
+    def config(self) -> BatcherConfig:
+        return self._batcher.config
+
+    @config.setter
+    def config(self, config: BatcherConfig) -> None:
+        """New batching limits (checked), applied from the next batch on (requests already queued stay)."""
+        self._batcher.config = config
+
+    def stats(self) -> dict[str, Any]:
+        """The scorer's counters and the batcher's (``batcher.BatcherStats``)."""
+        return {**self.scorer.stats(), "batcher": self._batcher.stats()}
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every submitted request, then refuse new ones."""
+        self._batcher.close(timeout)
+
+    def __enter__(self) -> BatchedScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run_batch(self, requests: list[Request]) -> list[Any]:
+        if isinstance(requests[0], PairsRequest):
+            first = requests[0]
+            merged = self.scorer.run_pairs(PairsRequest(first.images, first.texts,
+                                                        np.concatenate([r.pairs for r in requests])))
+            return np.split(merged, np.cumsum([len(r.pairs) for r in requests])[:-1])
+        query = _concat([r.query for r in requests])  # type: ignore[union-attr]
+        merged = self.scorer.run_search(SearchRequest(query, requests[0].gallery, max(r.k for r in requests)))
+        results, start = [], 0
+        for r in requests:
+            rows = slice(start, start + len(r.query))  # type: ignore[union-attr]
+            results.append(SearchResult(merged.indices[rows, : r.k], merged.scores[rows, : r.k]))  # type: ignore[union-attr]
+            start = rows.stop
+        return results
+
+
+def _concat(galleries: list[Gallery]) -> Gallery:
+    """One gallery of several, in order."""
+    first = galleries[0]
+    if len(galleries) == 1:
+        return first
+    if isinstance(first, TextGallery):
+        return concat_texts(galleries)  # type: ignore[arg-type]
+    items = {n: torch.cat([g.items[n] for g in galleries]) for n in first.items}
+    return type(first)(items, first.identity, first.precision)
+
+
+def _batch_key(request: Request) -> tuple:
+    if isinstance(request, PairsRequest):
+        return ("pairs", id(request.images), id(request.texts))
+    return ("search", id(request.gallery))
+
+
+def _batch_size(request: Request) -> int:
+    return len(request.pairs) if isinstance(request, PairsRequest) else len(request.query)
