@@ -45,11 +45,6 @@ class PreparedSpec:
     texts: tuple[PreparedTensor, ...]
 
 
-def select_items(items: Prepared, index: slice | torch.Tensor) -> Prepared:
-    """The prepared tensors of a subset of the items (every tensor is indexed on its first dim)."""
-    return {name: tensor[index] for name, tensor in items.items()}
-
-
 class RetrievalModel(nn.Module):
     """Base of CAMP, IMRAM and the dual-encoder baseline.
 
