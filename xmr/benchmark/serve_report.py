@@ -55,7 +55,7 @@ def _pct(fraction: float | None) -> float | None:
 
 def online_table(report: dict[str, Any]) -> Table:
     online = report["online"]
-    table = Table(title=f"Online: top-k through Scorer.submit ({online['backend']} {online['precision']})")
+    table = Table(title=f"Online: top-k through BatchedScorer.submit ({online['backend']} {online['precision']})")
     for column in ("workload", "load", "delay ms", "QPS", "p50 ms", "p95 ms", "p99 ms", "queue ms", "compute ms",
                    "batch", "rejected", "util"):
         table.add_column(column, justify="right")
