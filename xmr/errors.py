@@ -58,3 +58,10 @@ class MissingFileError(XmrError, FileNotFoundError):
 
 class TrainingError(XmrError):
     """Training cannot go on: the data does not fit the run, or the loss diverged."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, white space collapsed (its type name when it has none):
+    how a library's multi-line error is quoted inside an xmr one-line message."""
+    text = str(error).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(error).__name__

@@ -25,7 +25,7 @@ from xmr.calibration.accuracy import accuracy, mean_rank_agreement
 from xmr.config import check_float, check_int
 from xmr.data import load_split
 from xmr.data.precomp import PrecompSplit
-from xmr.errors import XmrError
+from xmr.errors import XmrError, first_line
 from xmr.eval import model_scorer, split_scores
 from xmr.models.base import RetrievalModel
 from xmr.models.checkpoint import load_checkpoint
@@ -92,7 +92,7 @@ def measure_backend(artifacts: Path, backend: str, precision: str, device: str |
     try:
         load_seconds, scorer = timed(lambda: Scorer.load(artifacts, backend=backend, precision=precision, device=device))
     except (XmrError, ValueError) as e:  # unavailable here, or no graphs of this precision: the row says why
-        return {"backend": backend, "precision": precision, "skipped": str(e).splitlines()[0]}
+        return {"backend": backend, "precision": precision, "skipped": first_line(e)}
     sample = min(config.encode_captions, len(inputs.lengths))
     with scorer, UtilisationMonitor(scorer.device) as util:
         image_seconds, images = timed(lambda: scorer.encode_images(inputs.features))

@@ -19,7 +19,7 @@ import torch
 from xmr.data.files import read_text, require_dir, require_file
 from xmr.data.tokenize import encode_caption, pad_token_ids
 from xmr.data.vocab import Vocabulary
-from xmr.errors import DataError, MissingFileError, VocabError
+from xmr.errors import DataError, MissingFileError, VocabError, first_line
 
 SPLITS = ("train", "dev", "test", "testall")
 FEATURE_SUFFIXES = ("_ims.npy", "_feat.npy")
@@ -56,7 +56,7 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     except DataError:
         raise
     except (ValueError, OSError, EOFError, SyntaxError) as e:  # numpy parses the header as a Python literal
-        raise DataError(f"{path}: not a readable .npy array ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"[:400]) from e
+        raise DataError(f"{path}: not a readable .npy array ({first_line(e)})"[:400]) from e
 
 
 def load_features(path: Path) -> np.ndarray:

@@ -43,7 +43,7 @@ import torch
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from xmr.data.vocab import Vocabulary
-from xmr.errors import CheckpointError
+from xmr.errors import CheckpointError, first_line
 from xmr.models.base import RetrievalModel
 from xmr.models.checkpoint import is_checkpoint_file, save_checkpoint
 from xmr.models.config import CampConfig, ImramConfig, ModelConfig
@@ -238,8 +238,7 @@ def _reason(error: BaseException) -> str:
     """One line saying why reading failed."""
     if isinstance(error, pickle.UnpicklingError) and error.__context__ is not None:
         error = error.__context__  # torch wraps the unpickler's reason in advice to load unsafely
-    text = str(error).strip()
-    return _one_line(text.splitlines()[0]) if text else type(error).__name__
+    return first_line(error)
 
 
 def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:

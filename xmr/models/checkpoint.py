@@ -15,7 +15,7 @@ from xmr.config import config_from_dict, config_to_dict
 from xmr.data.files import require_file
 from xmr.data.vocab import Vocabulary
 from xmr.device import resolve_device
-from xmr.errors import CheckpointError, XmrError
+from xmr.errors import CheckpointError, XmrError, first_line
 from xmr.models.base import RetrievalModel
 from xmr.models.registry import build_model, config_class
 from xmr.outputs import write_file
@@ -45,11 +45,6 @@ def save_checkpoint(model: RetrievalModel, path: str | Path, metadata: dict[str,
     return write_file(Path(path), lambda partial: partial.write_bytes(buffer.getbuffer()))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return " ".join(text.split("\n")[0].split()) if text else type(e).__name__
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -62,7 +57,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many types for foreign or corrupt files
         raise CheckpointError(
-            f"{path}: not an xmr checkpoint ({type(e).__name__}: {_first_line(e)}). "
+            f"{path}: not an xmr checkpoint ({type(e).__name__}: {first_line(e)}). "
             "Checkpoints from the authors' code are converted with `xmr import-checkpoint`."
         ) from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

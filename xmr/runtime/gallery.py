@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import xmr
-from xmr.errors import InputError, OutputError
+from xmr.errors import InputError, OutputError, first_line
 from xmr.outputs import check_output_dir, keep_foreign, staged_directory
 from xmr.paths import checked_file, file_sha256, inside, require
 
@@ -249,7 +249,7 @@ def _read_npy(file: Path, dtype: np.dtype, mmap: bool) -> torch.Tensor:
             shape, _, stored = read[version](f)
             offset = f.tell()
     except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"{file} is not a readable .npy file ({str(e).splitlines()[0][:160] if str(e) else e!r})") from e
+        raise InputError(f"{file} is not a readable .npy file ({first_line(e)[:160]})") from e
     if stored != dtype:
         raise InputError(f"{file} holds {stored}, a gallery stores {dtype} there")
     expected = offset + math.prod(shape) * dtype.itemsize
@@ -259,7 +259,7 @@ def _read_npy(file: Path, dtype: np.dtype, mmap: bool) -> torch.Tensor:
     try:
         array = np.load(file, mmap_mode="c" if mmap and math.prod(shape) else None, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise InputError(f"{file} cannot be read ({str(e).splitlines()[0][:160]})") from e
+        raise InputError(f"{file} cannot be read ({first_line(e)[:160]})") from e
     return torch.from_numpy(array)
 
 

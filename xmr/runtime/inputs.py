@@ -19,7 +19,7 @@ import torch
 
 from xmr.data.tokenize import pad_token_ids, tokenize
 from xmr.data.vocab import END, UNK, Vocabulary
-from xmr.errors import InputError, ShapeError
+from xmr.errors import InputError, ShapeError, first_line
 from xmr.models.layers import check_tokens
 
 DEFAULT_MAX_LENGTH = 128  # tokens per caption, <start> and <end> included (longest Flickr30K/COCO: ~90)
@@ -185,7 +185,7 @@ def _integers(value: object, what: str) -> torch.Tensor:
         array = np.asarray(value)
     except ValueError as e:  # ragged nested lists
         raise InputError(f"{what} must be a rectangular integer array (pad token ids with 0 to one width), got "
-                         f"ragged rows ({str(e).splitlines()[0][:120]})") from e
+                         f"ragged rows ({first_line(e)[:120]})") from e
     if array.dtype.kind not in "iu":
         raise InputError(f"{what} must be integers, got {array.dtype} {list(array.shape)}")
     if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:

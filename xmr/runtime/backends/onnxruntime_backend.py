@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xmr.errors import ArtifactError, BackendUnavailableError
+from xmr.errors import ArtifactError, BackendUnavailableError, first_line
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import GraphBackend
@@ -75,7 +75,7 @@ class OnnxRuntimeBackend(GraphBackend):
         try:
             self.sessions = onnx_sessions(paths, self.threads, providers)
         except Exception as e:  # onnxruntime raises its own types for files it cannot read
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)[:200]
             raise ArtifactError(f"onnxruntime cannot load the {precision} graphs of {artifacts.directory} ({first}); "
                                 f"re-export them") from e
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
