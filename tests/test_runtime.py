@@ -28,7 +28,7 @@ from xmr.runtime import (
     TextGallery, TorchBackend,
 )
 from xmr.runtime.artifacts import Artifacts
-from xmr.runtime.schedule import Limits, padding_efficiency, plan_blocks
+from xmr.runtime.schedule import Limits, plan_blocks
 
 REGIONS, IMG_DIM = 6, 8
 
@@ -144,7 +144,7 @@ def test_buckets_pad_less_than_unbucketed_blocks_and_respect_the_limits():
     lengths = np.random.default_rng(0).integers(3, 40, 500)
     kwargs = dict(n_images=100, lengths=lengths, regions=36, dim=64, budget=1 << 20, limits=Limits(images=16, captions=64))
     bucketed, plain = plan_blocks(**kwargs), plan_blocks(**kwargs, bucketed=False)
-    assert padding_efficiency(lengths, bucketed.groups) > 0.9 > padding_efficiency(lengths, plain.groups)
+    assert bucketed.padding_efficiency(lengths) > 0.9 > plain.padding_efficiency(lengths)
     assert sorted(np.concatenate([g.index for g in bucketed.groups]).tolist()) == list(range(500))
     assert bucketed.image_block <= 16 and all(len(g.index) <= 64 for g in bucketed.groups)
     for g in bucketed.groups:

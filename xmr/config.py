@@ -31,10 +31,8 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
     data = dict(data)
     version = data.pop("version", cls.VERSION)  # type: ignore[attr-defined]
     if version != cls.VERSION:  # type: ignore[attr-defined]
-        raise ConfigError(
-            f"{cls.__name__} version {version!r} is not supported (this xmr reads version "
-            f"{cls.VERSION}); re-create the file with this xmr version"  # type: ignore[attr-defined]
-        )
+        raise ConfigError(f"{cls.__name__} version {version!r} is not supported (this xmr reads version "
+                          f"{cls.VERSION}); re-create the file with this xmr version")  # type: ignore[attr-defined]
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(map(str, set(data) - names))
     if unknown:
@@ -97,11 +95,11 @@ def check_choice(owner: str, name: str, value: object, choices: Sequence[str]) -
 
 def format_bytes(n: float) -> str:
     """``n`` bytes in the largest binary unit that keeps it >= 1 (``1.5 GiB``)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} PiB"  # unreachable
+    return f"{n:.1f} PiB"
 
 
 def available_memory_bytes() -> int | None:

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -48,17 +49,11 @@ def _pid_alive(pid: int) -> bool:
 
 def leftovers(target: Path) -> list[Path]:
     """Temporary entries beside ``target`` that runs which died (pid gone) left behind."""
-    found = []
-    prefix = f".{target.name}."
     if not target.parent.is_dir():
-        return found
-    for entry in target.parent.glob(f"{prefix}xmr-*"):
-        rest = entry.name[len(prefix):]
-        for tag in (NEW, OLD):
-            pid = rest[len(tag) + 1:].partition("-")[0] if rest.startswith(f"{tag}-") else ""
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                found.append(entry)
-    return found
+        return []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:{NEW}|{OLD})-(\d+)(?:-.*)?", re.DOTALL)  # NAME.TAG-PID-XXXX
+    return [entry for entry in target.parent.iterdir()
+            if (match := pattern.fullmatch(entry.name)) and not _pid_alive(int(match[1]))]
 
 
 def clean_leftovers(target: Path) -> None:
@@ -82,11 +77,9 @@ def _remove(path: Path) -> None:
 def check_parent(path: Path, what: str) -> None:
     """The directory that will hold ``path`` exists (or can be created) and is writable."""
     parent = path.parent
-    for ancestor in (parent, *parent.parents):
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise OutputError(f"{what} {path}: {ancestor} is a file, not a directory")
-            break
+    ancestor = next((a for a in (parent, *parent.parents) if a.exists()), None)  # the nearest that exists
+    if ancestor is not None and not ancestor.is_dir():
+        raise OutputError(f"{what} {path}: {ancestor} is a file, not a directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         probe = _sibling(path, NEW)
@@ -145,14 +138,13 @@ def install_directory(staged: Path, target: Path) -> None:
     step, then remove what was there."""
     if not target.exists():
         os.rename(staged, target)
-        return
-    if _exchange(staged, target):
+    elif _exchange(staged, target):
         _remove(staged)  # now the old directory
-        return
-    old = _sibling(target, OLD)
-    os.rename(target, old)
-    os.rename(staged, target)
-    _remove(old)
+    else:
+        old = _sibling(target, OLD)
+        os.rename(target, old)
+        os.rename(staged, target)
+        _remove(old)
 
 
 @contextlib.contextmanager
@@ -203,14 +195,9 @@ def entries(directory: Path) -> set[str]:
 
 def keep_foreign(old: Path, staged: Path, owned: set[str]) -> None:
     """Carry the entries of ``old`` that xmr did not write (not in ``owned``) and the new
-    version does not replace into ``staged``: replacing a directory never loses a user's files."""
-    carry_over(old, staged, entries(old) - owned - entries(staged))
-
-
-def carry_over(old: Path, staged: Path, names: set[str]) -> None:
-    """Entries ``names`` of the directory ``old`` linked (or copied) into ``staged``, so a new
-    version of a directory can keep files of the current one without touching it."""
-    for name in sorted(names):
+    version does not replace into ``staged`` (linked or copied, the current directory left
+    untouched): replacing a directory never loses a user's files."""
+    for name in sorted(entries(old) - owned - entries(staged)):
         source = old / name
         if source.is_symlink():  # the link itself, never what it points to
             os.symlink(os.readlink(source), staged / name)

@@ -11,14 +11,6 @@ console = Console(stderr=True, markup=False, highlight=False)
 
 def progress(enabled: bool = True) -> Progress:
     """A progress display on stderr; use as a context manager and add tasks to it."""
-    return Progress(
-        TextColumn("{task.description}", style="bold", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}", markup=False),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False),
+                    console=console, disable=not enabled, transient=False)

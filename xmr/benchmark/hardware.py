@@ -47,12 +47,8 @@ class Hardware:
 
 def _cpuinfo() -> dict[str, str]:
     path = Path("/proc/cpuinfo")
-    info: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    return info
+    pairs = [line.partition(":") for line in (path.read_text().splitlines() if path.is_file() else [])]
+    return {key.strip(): value.strip() for key, _, value in reversed(pairs)}  # reversed: the first value wins
 
 
 def cpu_hardware() -> Hardware:
@@ -70,16 +66,14 @@ def cpu_hardware() -> Hardware:
     return Hardware("cpu", name, cores, {"fp32": fp32, "fp16": fp32, "int8": int8}, source)
 
 
-def gpu_hardware(device: torch.device) -> Hardware:
-    name = torch.cuda.get_device_name(device)
+def hardware_for(device: str) -> Hardware:
+    if not device.startswith("cuda"):
+        return cpu_hardware()
+    name = torch.cuda.get_device_name(torch.device(device))
     peaks = next((p for key, p in GPU_PEAKS if key in name), None)
-    return Hardware("cuda", name, torch.cuda.get_device_properties(device).multi_processor_count,
+    return Hardware("cuda", name, torch.cuda.get_device_properties(torch.device(device)).multi_processor_count,
                     dict(peaks) if peaks else {"fp32": None, "fp16": None, "int8": None},
                     "datasheet (dense)" if peaks else f"no datasheet figure for {name}")
-
-
-def hardware_for(device: str) -> Hardware:
-    return gpu_hardware(torch.device(device)) if device.startswith("cuda") else cpu_hardware()
 
 
 def _rss_bytes() -> int:
@@ -113,7 +107,7 @@ class UtilisationMonitor:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._start_wall, self._start_cpu = time.perf_counter(), _process_cpu_seconds()
+        self._start_wall, self._start_cpu = time.perf_counter(), time.process_time()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self.result
@@ -124,9 +118,8 @@ class UtilisationMonitor:
             self.result.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
         self._stop.set()
         self._thread.join()
-        wall = time.perf_counter() - self._start_wall
-        self.result.seconds = wall
-        self.result.cpu = (_process_cpu_seconds() - self._start_cpu) / max(wall, 1e-9) / available_cores()
+        self.result.seconds = wall = time.perf_counter() - self._start_wall
+        self.result.cpu = (time.process_time() - self._start_cpu) / max(wall, 1e-9) / available_cores()
         if self.result.samples:
             self.result.gpu = sum(self.result.samples) / len(self.result.samples)
 
@@ -139,11 +132,6 @@ class UtilisationMonitor:
                 self.result.samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu / 100)
             if self._stop.wait(self.interval):
                 return
-
-
-def _process_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 def _nvml_handle(device: str) -> object | None:

@@ -121,9 +121,8 @@ def authors_baseline(model: RetrievalModel, inputs: Inputs, config: OfflineConfi
     with torch.no_grad(), UtilisationMonitor(device) as util:
         img_emb = torch.cat([model.encode_images(torch.from_numpy(inputs.features[i : i + 128]).to(device))
                              for i in range(0, len(inputs.features), 128)])
-        ids = torch.from_numpy(inputs.ids[:sample]).to(device)
         lengths = torch.from_numpy(inputs.lengths[:sample]).to(device)
-        cap_emb = model.encode_texts(ids, lengths)
+        cap_emb = model.encode_texts(torch.from_numpy(inputs.ids[:sample]).to(device), lengths)
         captions, elapsed = 0, 0.0
         while elapsed < config.authors_seconds or captions == 0:
             c = captions % sample
@@ -144,10 +143,8 @@ def authors_baseline(model: RetrievalModel, inputs: Inputs, config: OfflineConfi
 def cost_model(artifacts: Artifacts, model: RetrievalModel, inputs: Inputs, hardware: Hardware) -> dict[str, Any]:
     """Matmul FLOPs per item of each graph and per pair of each form at the mean caption
     length (xmr.models.flops); the pair scorer's includes its per-block Gram matrices."""
-    length = int(round(float(inputs.lengths.mean())))
-    regions = artifacts.regions
+    length, regions, n_images = int(round(float(inputs.lengths.mean()))), artifacts.regions, len(inputs.features)
     fast = scoring_cost(model.config, regions, length, "fast")
-    n_images = len(inputs.features)
     encoders = encoder_flops(model.config, regions, length)
     return {"mean_caption_tokens": length, "regions": regions,
             "graphs": {"image_encoder_flops_per_image": encoders["image"] + fast.per_image,
@@ -165,9 +162,7 @@ def add_ratios(rows: list[dict[str, Any]], authors: dict[str, Any], cost: dict[s
     peaks = cost["hardware"]["peak_flops"]
     authors["flops_per_second"] = cost["authors_flops_per_pair"] * authors["pairs_per_second"]
     authors["fraction_of_peak"] = _fraction(authors["flops_per_second"], peaks.get("fp32"))
-    for row in rows:
-        if "skipped" in row:
-            continue
+    for row in (r for r in rows if "skipped" not in r):
         row["speedup_vs_authors"] = row["pairs_per_second"] / authors["pairs_per_second"]
         row["speedup_vs_torch_fp32"] = row["pairs_per_second"] / torch_fp32["pairs_per_second"] if torch_fp32 else None
         row["flops_per_second"] = cost["graphs"]["pair_scorer_flops_per_pair"] * row["pairs_per_second"]
@@ -189,14 +184,13 @@ def run_offline(artifacts: Path, data: Path, inputs: Inputs, config: OfflineConf
     split = PrecompSplit(split.features[:test_images], split.captions[: test_images * split.per_image], opened.vocab,
                          split.name)
     model = load_checkpoint(opened.checkpoint())
-    torch_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     reference = split_scores(model_scorer(model, split), split)
     rows = []
     for backend, precision in candidates:
         advance(f"{backend} {precision}")
         rows.append(measure_backend(artifacts, backend, precision, device, inputs, config, split))
     advance("authors' loop")
-    authors = authors_baseline(model, inputs, config, torch_device)
+    authors = authors_baseline(model, inputs, config, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cost = cost_model(opened, model, inputs, hardware)
     add_ratios(rows, authors, cost, reference, split)
     return {"rows": rows, "authors": authors, "cost_model": cost, "accuracy_split": {

@@ -99,11 +99,9 @@ def closed_loop(front: BatchedScorer, workload: Workload, clients: int, config: 
                     latencies.append(time.perf_counter() - sent)
                 i += clients
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with concurrent.futures.ThreadPoolExecutor(clients, thread_name_prefix="xmr-client") as pool:
+            for offset in range(clients):
+                pool.submit(client, offset)
         return latencies, 0, time.perf_counter() - start
 
     return _measure(front, run, {"workload": workload.name, "mode": "closed", "clients": clients,
@@ -161,7 +159,7 @@ def run_online(front: BatchedScorer, workloads: list[Workload], config: OnlineCo
                advance: Callable[[str], None] = lambda label: None) -> list[dict[str, Any]]:
     """Closed-loop sweep over clients, open-loop sweep over rates (fractions of the closed
     loop's best QPS), and a max_queue_delay_ms sweep at the most clients, per workload."""
-    base = BatcherConfig(config.max_batch, config.delays_ms[0] if config.delays_ms else 2.0, config.max_queue)
+    base = BatcherConfig(config.max_batch, config.delays_ms[0], config.max_queue)  # delays_ms: never empty
     results = []
     for workload in workloads:
         front.config = base

@@ -104,8 +104,7 @@ def prepare_artifacts(config: ServeBenchConfig, show_progress: bool) -> tuple[Pa
     manifest = read_manifest(artifacts)
     if manifest["model"] != config.model:
         raise XmrError(f"{artifacts} holds a {manifest['model']} model, not {config.model}; pass --model {manifest['model']}")
-    data = config.data or accuracy_data(config.out / "artifacts", manifest["regions"], manifest["config"]["img_dim"],
-                                        config.test_images)
+    data = config.data or accuracy_data(root, manifest["regions"], manifest["config"]["img_dim"], config.test_images)
     return artifacts, data
 
 
@@ -143,8 +142,9 @@ def run_serve_bench(config: ServeBenchConfig, show_progress: bool = True) -> dic
             with BatchedScorer(scorer) as front:
                 online = run_online(front, workloads(scorer, inputs, config.online), config.online, advance)
     return {"format": FORMAT, "environment": environment(), "hardware": hardware.as_dict(),
-            "config": _jsonable(dataclasses.asdict(config)), "artifacts": str(artifacts), "model": manifest["model"],
-            "model_config": model_config, "regions": manifest["regions"],
+            "config": json.loads(json.dumps(dataclasses.asdict(config), default=_json_value)),
+            "artifacts": str(artifacts), "model": manifest["model"], "model_config": model_config,
+            "regions": manifest["regions"],
             "matrix": {"images": config.offline.images, "captions": config.offline.captions,
                        "pairs": config.offline.images * config.offline.captions},
             "offline": offline, "online": {"backend": best["backend"], "precision": best["precision"], "results": online}}
@@ -159,17 +159,12 @@ def workloads(scorer: Scorer, inputs: Any, config: OnlineConfig) -> list[Workloa
     return [Workload("text->image", images, captions), Workload("image->text", texts, list(inputs.features))]
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
+def _json_value(value: Any) -> Any:
+    """What ``json.dumps`` cannot write itself: paths as strings, numpy scalars as numbers."""
+    if isinstance(value, (Path, np.floating, np.integer)):
+        return str(value) if isinstance(value, Path) else value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
-    return write_text(out / REPORT, json.dumps(_jsonable(report), indent=2) + "\n")
+    return write_text(out / REPORT, json.dumps(report, indent=2, default=_json_value) + "\n")

@@ -11,8 +11,8 @@ from rich.table import Table
 from xmr.outputs import write_file
 
 
-def _num(value: float | None, spec: str = ",.0f", suffix: str = "") -> str:
-    return "–" if value is None else f"{value:{spec}}{suffix}"
+def _num(value: float | None, spec: str = ",.0f", suffix: str = "", scale: float = 1) -> str:
+    return "–" if value is None else f"{value * scale:{spec}}{suffix}"
 
 
 def _gib(value: int | None) -> str:
@@ -28,7 +28,7 @@ def offline_table(report: dict[str, Any]) -> Table:
         table.add_column(column, justify="right")
     authors = report["offline"]["authors"]
     table.add_row(authors["backend"], "fp32", _num(authors["pairs_per_second"]), _num(authors["score_seconds"]) + "*",
-                  "–", "1.00x", "–", _num(_pct(authors.get("fraction_of_peak")), ".1f"), "–", "–", "–",
+                  "–", "1.00x", "–", _num(authors.get("fraction_of_peak"), ".1f", scale=100), "–", "–", "–",
                   _gib(authors["peak_process_bytes"]))
     skipped = []
     for row in report["offline"]["rows"]:
@@ -40,17 +40,14 @@ def offline_table(report: dict[str, Any]) -> Table:
         table.add_row(row["backend"], row["precision"], _num(row["pairs_per_second"]),
                       _num(row["total_seconds"]) + ("*" if row["extrapolated"] else ""), _num(row["encode_seconds"], ".1f"),
                       _num(row["speedup_vs_authors"], ".1f", "x"), _num(row["speedup_vs_torch_fp32"], ".2f", "x"),
-                      _num(_pct(row["fraction_of_peak"]), ".1f"), _num(acc["rsum"], ".1f"), _num(acc["delta_rsum"], "+.1f"),
-                      _num(acc["rank_agreement"], ".4f"), _gib(row["peak_gpu_bytes"] or row["peak_process_bytes"]))
+                      _num(row["fraction_of_peak"], ".1f", scale=100), _num(acc["rsum"], ".1f"),
+                      _num(acc["delta_rsum"], "+.1f"), _num(acc["rank_agreement"], ".4f"),
+                      _gib(row["peak_gpu_bytes"] or row["peak_process_bytes"]))
     table.caption = "\n".join([
         "* extrapolated from the pairs timed. rsum on the test split "
         f"({report['offline']['accuracy_split']['images']} images), Δ and rank ρ against PyTorch fp32.",
         *(f"({i}) {reason}" for i, reason in enumerate(skipped, 1))])
     return table
-
-
-def _pct(fraction: float | None) -> float | None:
-    return None if fraction is None else 100 * fraction
 
 
 def online_table(report: dict[str, Any]) -> Table:
@@ -66,7 +63,7 @@ def online_table(report: dict[str, Any]) -> Table:
                       _num(r["p95_ms"], ".1f"), _num(r["p99_ms"], ".1f"), _num(r["mean_queue_ms"], ".1f"),
                       _num(r["mean_compute_ms_per_batch"], ".1f"),
                       _num(r["mean_batch_size"], ".1f"), str(r["rejected"] + r["rejected_at_submit"]),
-                      _num(_pct(util), ".0f", "%"))
+                      _num(util, ".0f", "%", 100))
     return table
 
 
@@ -90,13 +87,10 @@ def plot_report(report: dict[str, Any], path: Path) -> Path | None:
     rates = [authors["pairs_per_second"]] + [r["pairs_per_second"] for r in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     bars = left.bar(range(len(rates)), rates, color=["gray"] + ["tab:blue"] * len(rows))
-    for bar, rate in zip(bars, rates):
-        left.annotate(f"{rate / rates[0]:.1f}x", (bar.get_x() + bar.get_width() / 2, rate), ha="center", va="bottom",
-                      fontsize=8)
+    left.bar_label(bars, [f"{rate / rates[0]:.1f}x" for rate in rates], fontsize=8)
     left.set_xticks(range(len(rates)), labels, fontsize=8)
-    left.set_yscale("log")
-    left.set_ylabel("pairs / s (log)")
-    left.set_title(f"{report['model']}: score matrix throughput (x: over the authors' loop)")
+    left.set(yscale="log", ylabel="pairs / s (log)",
+             title=f"{report['model']}: score matrix throughput (x: over the authors' loop)")
     base_delay = report["online"]["results"][0]["max_queue_delay_ms"] if report["online"]["results"] else 0
     colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red"])
     for workload, marker in (("text->image", "o"), ("image->text", "s")):
@@ -109,9 +103,8 @@ def plot_report(report: dict[str, Any], path: Path) -> Path | None:
                 qps, p50, p99 = zip(*points)
                 right.plot(qps, p99, "-", marker=marker, color=color, label=f"{workload}, {mode} loop: p99")
                 right.plot(qps, p50, ":", marker=marker, color=color, alpha=0.6, label=f"{workload}, {mode} loop: p50")
-    right.set_xlabel("achieved requests / s")
-    right.set_ylabel("latency ms")
-    right.set_title(f"latency vs load ({report['online']['backend']} {report['online']['precision']})")
+    right.set(xlabel="achieved requests / s", ylabel="latency ms",
+              title=f"latency vs load ({report['online']['backend']} {report['online']['precision']})")
     right.legend(fontsize=7)
     figure.suptitle(f"{report['hardware']['name']} — {report['environment']['date'][:10]}", fontsize=9)
     figure.tight_layout()

@@ -90,14 +90,12 @@ def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig |
         raise CalibrationError(f"{artifacts} has no vocabulary (the checkpoint had none): re-export from a checkpoint with one")
     vocab = opened.vocab
     fp32 = {g: opened.graph(g, "fp32") for g in GRAPHS}
-    split = _load(data, config.split, vocab, "calibration")
-    check_split(split, config.split, manifest["config"]["img_dim"], manifest["regions"])
-    evaluation_split = _load(data, eval_split, vocab, "evaluation")
-    check_split(evaluation_split, eval_split, manifest["config"]["img_dim"], manifest["regions"])
+    shape = manifest["config"]["img_dim"], manifest["regions"]
+    split = check_split(_load(data, config.split, vocab, "calibration"), config.split, *shape)
+    evaluation_split = check_split(_load(data, eval_split, vocab, "evaluation"), eval_split, *shape)
     report_data = None if report_split is None else _load(data, report_split, vocab, "report")  # fail before the work
     variants = {p: {g: opened.graph(g, p) for g in GRAPHS} for p in ("fp32", "fp16") if p in opened.precisions()}
     encoders = OnnxRuntimeBackend(opened, "fp32", "cpu")  # the reference: the fp32 graphs on CPU
-    reference_scorer = Scorer(encoders)
     with console.status(f"calibration set: {config.images} {config.split} images"):
         calibration = build_calibration_set(split, encoders, config)
     with staged_directory(artifacts) as work:
@@ -105,7 +103,7 @@ def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig |
         ranges = scratch / RANGES_DIR
         ranges.mkdir(parents=True)
         reused = _reuse_ranges(artifacts, ranges, calibration.sha256, config.method)
-        reference = split_scores(reference_scorer, evaluation_split, eval_images)
+        reference = split_scores(Scorer(encoders), evaluation_split, eval_images)
         evaluate = Evaluation(opened, evaluation_split, eval_images, reference)
         quantizer = Quantizer(fp32, calibration, config, ranges)
         with console.status(f"quantizing ({config.method}) and checking accuracy on {eval_split}"):
@@ -116,17 +114,14 @@ def calibrate_artifacts(artifacts: Path, data: Path, config: CalibrationConfig |
                 final[graph] = Path(shutil.copy2(path, graph_path(scratch / "final", graph, "int8")))
         (ranges / CALIBRATION_SET).write_text(json.dumps({"sha256": calibration.sha256, "config": asdict(config),
                                                           **calibration.summary()}, indent=2) + "\n")
-        int8 = _int8_section(config, calibration, result, quantizer, final, accuracy_target, eval_split,
-                             eval_images, reused)
-        report = None
-        if report_split is not None:
-            report = _report(opened, variants, manifest, final, result, quantizer, scratch, int8, report_data, report_split,
-                             accuracy_target, show_progress)
+        int8 = _int8_section(config, calibration, result, final, accuracy_target, eval_split, eval_images, reused)
+        report = None if report_split is None else _report(opened, variants, final, result, quantizer, scratch, int8,
+                                                           report_data, report_split, accuracy_target, show_progress)
         _install(artifacts, manifest, work, scratch, final, int8, report, engine)
     return read_manifest(artifacts)
 
 
-def _int8_section(config, calibration, result, quantizer, final, target, eval_split, eval_images, reused) -> dict:
+def _int8_section(config, calibration, result, final, target, eval_split, eval_images, reused) -> dict:
     nodes = {}
     sensitivity = {(r["graph"], r["node"]): r for r in result.sensitivity}
     for graph in GRAPHS:
@@ -144,7 +139,7 @@ def _int8_section(config, calibration, result, quantizer, final, target, eval_sp
     }
 
 
-def _report(artifacts, variants, manifest, final, result, quantizer, work, int8, split, split_name, target,
+def _report(artifacts, variants, final, result, quantizer, work, int8, split, split_name, target,
             show_progress) -> dict:
     variants = {**variants, "int8": final}
     if result.exclude:
@@ -156,7 +151,7 @@ def _report(artifacts, variants, manifest, final, result, quantizer, work, int8,
                f"mean per-query rank correlation {mean_rank_agreement(chosen):.4f} (target {target}); "
                f"{sum(len(n['fallback']) for n in int8['nodes'].values())} node(s) kept in float32.")
     c = int8["calibration"]
-    return {"model": manifest["model"], "split": split_name, "pairs": split.n_images * split.n_captions,
+    return {"model": artifacts.kind, "split": split_name, "pairs": split.n_images * split.n_captions,
             "calibration": f"{c['method']} on {c['images']} {c['split']} images, {c['captions']} captions, "
                            f"{c['matching_pairs']} matching + {c['non_matching_pairs']} non-matching pairs "
                            f"(set sha256 {c['sha256'][:12]})",
@@ -164,7 +159,7 @@ def _report(artifacts, variants, manifest, final, result, quantizer, work, int8,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _int8_engines(staged: Path, artifacts: Path, manifest: dict[str, Any], engine: bool | None) -> dict[str, Any]:
+def _int8_engines(staged: Path, manifest: dict[str, Any], engine: bool | None) -> dict[str, Any]:
     """TensorRT engines of the INT8 graphs (same rules as ``xmr export --engine``), merged
     with the engines the export built."""
     previous = manifest["engines"]
@@ -197,7 +192,7 @@ def _install(artifacts: Path, manifest: dict[str, Any], work: Path, scratch: Pat
     copy_timing_cache(artifacts, work)
     previous_engines = manifest["engines"]
     manifest["int8"] = int8
-    manifest["engines"] = _int8_engines(work, artifacts, manifest, engine)
+    manifest["engines"] = _int8_engines(work, manifest, engine)
     if report is not None:
         write_report(report, work)
     shutil.move(str(scratch / RANGES_DIR), str(work / RANGES_DIR))

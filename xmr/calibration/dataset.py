@@ -72,8 +72,8 @@ class CalibrationSet:
         return {k: v for k, v in asdict(self).items() if k != "feeds"}
 
 
-def check_split(split: PrecompSplit, name: str, img_dim: int, regions: int) -> None:
-    """Fail early, saying what to change, when the split ``name`` cannot serve this model."""
+def check_split(split: PrecompSplit, name: str, img_dim: int, regions: int) -> PrecompSplit:
+    """``split``; fails early, saying what to change, when the split ``name`` cannot serve this model."""
     if split.img_dim != img_dim:
         raise CalibrationError(f"{name} features are {split.img_dim}-d but the model takes {img_dim}-d "
                                f"features: calibrate with the data the model was trained on (--data)")
@@ -85,15 +85,14 @@ def check_split(split: PrecompSplit, name: str, img_dim: int, regions: int) -> N
     if split.n_images < MIN_IMAGES:
         raise CalibrationError(f"the {name} split has {split.n_images} images; calibration needs at least "
                                f"{MIN_IMAGES} (use a larger split, e.g. --split train)")
+    return split
 
 
 def _hash(feeds: dict[str, list[Arrays]], config: CalibrationConfig) -> str:
     digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
-    for graph in sorted(feeds):
-        for feed in feeds[graph]:
-            for name in sorted(feed):
-                digest.update(name.encode())
-                digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    for feed in [f for graph in sorted(feeds) for f in feeds[graph]]:
+        for name in sorted(feed):
+            digest.update(name.encode() + np.ascontiguousarray(feed[name]).tobytes())
     return digest.hexdigest()
 
 

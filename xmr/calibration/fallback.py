@@ -71,9 +71,8 @@ class Quantizer:
         paths = {}
         for graph in GRAPHS:
             nodes = {n for g, n in self.nodes if g == graph}
-            skipped = {n for g, n in exclude if g == graph}
-            if only is not None:
-                skipped = nodes - {n for g, n in only if g == graph}
+            in_float32 = exclude if only is None else set(self.nodes) - only
+            skipped = {n for g, n in in_float32 if g == graph}
             if skipped == nodes:
                 paths[graph] = self.fp32[graph]
                 continue
@@ -108,9 +107,7 @@ def choose_fallback(quantizer: Quantizer, evaluate: Evaluation, target: float, w
     one more at a time, until it holds. Raises ``CalibrationError`` if only an all-float32
     graph would meet it."""
     full = evaluate(quantizer.build(work / "full"))
-    if meets_target(full, target) and not measure_sensitivity:
-        return FallbackResult(set(), full, full, [], [])
-    ranking = sensitivities(quantizer, evaluate, work)
+    ranking = sensitivities(quantizer, evaluate, work) if measure_sensitivity or not meets_target(full, target) else []
     if meets_target(full, target):
         return FallbackResult(set(), full, full, [], ranking)
     exclude: set[Node] = set()

@@ -59,12 +59,11 @@ def _quiet_quantizer() -> Iterator[None]:
 def _reader(feeds: list[Arrays]):
     from onnxruntime.quantization import CalibrationDataReader
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(feeds)
+    batches = iter(feeds)
 
+    class Reader(CalibrationDataReader):
         def get_next(self) -> Arrays | None:
-            return next(self.batches, None)
+            return next(batches, None)
 
     return Reader()
 

@@ -22,8 +22,7 @@ def precision_rows(artifacts: Artifacts, variants: dict[str, dict[str, Path]], s
                    show_progress: bool = True) -> dict[str, dict]:
     """Metrics of each variant (``name -> graph paths`` made from ``artifacts``; the first is the
     fp32 reference; a name's first word is its precision)."""
-    reference = None
-    rows = {}
+    reference, rows = None, {}
     for name, paths in variants.items():
         scorer = graph_scorer(artifacts, paths, name.split()[0])
         scores = split_scores(scorer, split, show_progress=show_progress, description=f"score {name}")

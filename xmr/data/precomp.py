@@ -53,8 +53,6 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(f)
             return tuple(shape), dtype, f.tell()
-    except DataError:
-        raise
     except (ValueError, OSError, EOFError, SyntaxError) as e:  # numpy parses the header as a Python literal
         raise DataError(f"{path}: not a readable .npy array ({first_line(e)})"[:400]) from e
 
@@ -119,10 +117,8 @@ def captions_per_image(n_captions: int, n_images: int, source: Path) -> int:
     if n_images < 1 or n_captions < 1:
         raise DataError(f"{source}: {n_captions} captions for {n_images} images; a split needs both")
     if n_captions % n_images != 0:
-        raise DataError(
-            f"{source}: {n_captions} captions for {n_images} images; "
-            "the count must be a multiple of the number of images (5 per image, or 1)"
-        )
+        raise DataError(f"{source}: {n_captions} captions for {n_images} images; "
+                        "the count must be a multiple of the number of images (5 per image, or 1)")
     return n_captions // n_images
 
 
@@ -163,27 +159,22 @@ class PrecompSplit:
             raise DataError(f"{self.name}: features are [N, {self.regions}, {self.img_dim}] but {expected_by} "
                             f"needs {want}; use data of one feature extractor")
 
-    def check_vocab_size(self, vocab_size: int, expected_by: str) -> None:
-        """``VocabError`` when the split's vocabulary has ids beyond ``expected_by``'s ``vocab_size`` rows."""
-        if len(self.vocab) > vocab_size:
-            raise VocabError(f"{self.name}: the vocabulary has {len(self.vocab)} words but {expected_by} embeds "
-                             f"only {vocab_size}; use the vocabulary it was trained with")
-
     def check_fits(self, config: Any) -> None:
-        """The split can go through a model of ``config`` (a ``ModelConfig``: its ``img_dim``
-        and ``vocab_size``)."""
+        """The split can go through a model of ``config`` (a ``ModelConfig``): ``DataError`` for
+        features of another ``img_dim``, ``VocabError`` for ids beyond its ``vocab_size`` rows."""
         model = f"the {config.KIND or 'model'} model"
         self.check_features(config.img_dim, None, model)
-        self.check_vocab_size(config.vocab_size, model)
+        if len(self.vocab) > config.vocab_size:
+            raise VocabError(f"{self.name}: the vocabulary has {len(self.vocab)} words but {model} embeds "
+                             f"only {config.vocab_size}; use the vocabulary it was trained with")
 
     def image_of_caption(self, caption_index: int) -> int:
         return caption_index // self.per_image
 
     def caption_ids(self, index: int) -> list[int]:
-        ids = self._ids.get(index)
-        if ids is None:
-            ids = self._ids[index] = encode_caption(self.captions[index], self.vocab)
-        return ids
+        if index not in self._ids:
+            self._ids[index] = encode_caption(self.captions[index], self.vocab)
+        return self._ids[index]
 
     def image_batch(self, indices: np.ndarray | list[int]) -> torch.Tensor:
         """float32 ``[len(indices), R, img_dim]`` copied out of the memory map."""
@@ -205,8 +196,7 @@ def load_split(data_dir: str | Path, split: str, vocab: Vocabulary) -> PrecompSp
     path = feature_path(data_dir, split)
     feats = load_features(path)
     caps_path = data_dir / f"{split}_caps.txt"
-    captions = read_captions(caps_path)
-    loaded = PrecompSplit(features=feats, captions=captions, vocab=vocab, name=str(caps_path))  # aligned?
+    loaded = PrecompSplit(feats, read_captions(caps_path), vocab, name=str(caps_path))  # checks the alignment
     check_finite(feats, path)  # last: the longest check
     return loaded
 
@@ -214,10 +204,7 @@ def load_split(data_dir: str | Path, split: str, vocab: Vocabulary) -> PrecompSp
 def find_vocab(data_dir: str | Path) -> Path:
     """The vocabulary JSON shipped inside a precomp directory (``vocab.json`` or ``*_vocab.json``)."""
     data_dir = require_dir(data_dir, "data directory", DataError)
-    candidates = [data_dir / "vocab.json", *sorted(data_dir.glob("*_vocab.json"))]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise MissingFileError(
-        f"no vocabulary in {data_dir} (looked for vocab.json and *_vocab.json); pass --vocab PATH"
-    )
+    for candidate in [data_dir / "vocab.json", *sorted(data_dir.glob("*_vocab.json"))]:
+        if candidate.is_file():
+            return candidate
+    raise MissingFileError(f"no vocabulary in {data_dir} (looked for vocab.json and *_vocab.json); pass --vocab PATH")

@@ -47,13 +47,9 @@ FILLER_WORDS = "a an the there is of on and photo street park , .".split()
 
 def synthetic_words() -> list[str]:
     """Every word a synthetic caption can contain (all are in the Flickr30K vocabulary)."""
-    words = {*NOUNS, *COLORS, *FILLER_WORDS}
-    for rel in RELATIONS:
-        words.update(rel.split())
-    for group in TEMPLATES:
-        for template in group:
-            words.update(w for w in template.split() if not w.startswith("{"))
-    return sorted(words)
+    relation_words = {w for rel in RELATIONS for w in rel.split()}
+    template_words = {w for group in TEMPLATES for template in group for w in template.split() if not w.startswith("{")}
+    return sorted({*NOUNS, *COLORS, *FILLER_WORDS, *relation_words, *template_words})
 
 
 CAPTION_BYTES = 120  # memory of one caption string in the list a split is built in (~45 bytes on disk)
@@ -221,11 +217,7 @@ def write_synthetic(out_dir: str | Path, cfg: SynthConfig | None = None, vocab: 
     check_disk_space(out, cfg.disk_bytes(), what)
     vocabulary = synth_vocabulary(vocab)
     rng = np.random.default_rng(cfg.seed)
-    protos = _Prototypes(
-        noun=_unit_rows(rng, len(NOUNS), cfg.img_dim),
-        color=_unit_rows(rng, len(COLORS), cfg.img_dim),
-        clutter=_unit_rows(rng, cfg.clutter_types, cfg.img_dim),
-    )
+    protos = _Prototypes(*(_unit_rows(rng, n, cfg.img_dim) for n in (len(NOUNS), len(COLORS), cfg.clutter_types)))
     with staged_directory(out) as staged:
         for split, n in cfg.split_sizes().items():
             feats, captions = generate_split(cfg, protos, n, rng)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from xmr.data.files import read_text
 from xmr.errors import VocabError
@@ -26,9 +25,7 @@ class Vocabulary:
     def __post_init__(self) -> None:
         for expected_id, token in enumerate(SPECIAL_TOKENS):
             if self.word2idx.get(token) != expected_id:
-                raise VocabError(
-                    f"vocabulary must map {token!r} to {expected_id}, got {self.word2idx.get(token)!r}"
-                )
+                raise VocabError(f"vocabulary must map {token!r} to {expected_id}, got {self.word2idx.get(token)!r}")
         seen: dict[int, str] = {}
         size = len(self.word2idx)
         for word, i in self.word2idx.items():
@@ -44,14 +41,6 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.word2idx)
 
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    @property
-    def idx2word(self) -> dict[int, str]:
-        return {i: w for w, i in self.word2idx.items()}
-
     def __call__(self, word: str) -> int:
         return self.word2idx.get(word, self.word2idx[UNK])
 
@@ -59,20 +48,9 @@ class Vocabulary:
         """Ids of ``<start> tokens... <end>``, exactly as the authors' data loaders build them."""
         return [self.word2idx[START], *(self(t) for t in tokens), self.word2idx[END]]
 
-    def decode(self, ids: Sequence[int]) -> list[str]:
-        inverse = self.idx2word
-        return [inverse.get(int(i), UNK) for i in ids]
-
     def to_dict(self) -> dict:
-        return {
-            "word2idx": dict(self.word2idx),
-            "idx2word": {str(i): w for w, i in self.word2idx.items()},
-            "idx": len(self.word2idx),
-        }
-
-    def sha256(self) -> str:
-        blob = json.dumps(sorted(self.word2idx.items()), separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return {"word2idx": dict(self.word2idx), "idx2word": {str(i): w for w, i in self.word2idx.items()},
+                "idx": len(self.word2idx)}
 
     @classmethod
     def from_dict(cls, data: object) -> "Vocabulary":

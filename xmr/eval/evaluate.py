@@ -31,9 +31,8 @@ def is_eval_json(path: Path) -> bool:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
-    if not isinstance(data, dict):
-        return False
-    return data.get("format") == EVAL_FORMAT or {"checkpoint", "split", "fold5", "metrics"} <= set(data)
+    return isinstance(data, dict) and (data.get("format") == EVAL_FORMAT
+                                       or {"checkpoint", "split", "fold5", "metrics"} <= set(data))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -78,15 +78,12 @@ def recall_report(scores: np.ndarray, per_image: int = 5) -> RecallReport:
 
 
 def mean_report(reports: list[RecallReport]) -> RecallReport:
-    fields = list(asdict(reports[0]))
-    return RecallReport(**{k: float(np.mean([getattr(r, k) for r in reports])) for k in fields})
+    return RecallReport(**{f.name: float(np.mean([getattr(r, f.name) for r in reports])) for f in fields(RecallReport)})
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Rank of every entry along the last axis (0-based; ties get distinct ranks)."""
-    ranks = np.empty(x.shape, dtype=np.float64)
-    np.put_along_axis(ranks, np.argsort(x, axis=-1, kind="stable"), np.arange(x.shape[-1], dtype=np.float64), axis=-1)
-    return ranks
+    return np.argsort(np.argsort(x, axis=-1, kind="stable"), axis=-1, kind="stable").astype(np.float64)
 
 
 def spearman_rows(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -35,8 +35,6 @@ DEFAULT_REGIONS = 36  # bottom-up features; checkpoints trained by xmr record th
 MAX_REGIONS = 1024  # bottom-up features have 10..100 regions; more is a mistake that would exhaust memory
 MIN_OPSET, MAX_OPSET = 17, 20  # LayerNormalization-era opsets that onnx, ONNX Runtime and TensorRT all read
 TIMING_CACHE = "timing.cache"  # TensorRT builder timings, kept across re-exports
-
-
 EXPORT_TOOLS = ("xmr", "torch", "onnx", "onnxruntime", "onnxconverter-common")
 
 
@@ -51,19 +49,13 @@ def tool_versions(packages: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
     return versions
 
 
-def write_manifest(artifacts: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``artifacts/manifest.json`` (replaced atomically)."""
-    return write_text(artifacts / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-
-
 def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: ProfileShapes,
                   options: BuildOptions, required: bool) -> dict[str, Any]:
     """Build TensorRT engines on this machine's GPU, or say why not (an error if ``required``)."""
     import torch
 
     trt = load_tensorrt("tensorrt")
-    reason = tensorrt_unavailable(trt)
-    if reason is not None:
+    if (reason := tensorrt_unavailable(trt)) is not None:
         if required:
             raise ExportError(f"cannot build TensorRT engines: {reason}")
         return {"built": False, "reason": reason}
@@ -125,8 +117,7 @@ def check_export_options(regions: int | None, opset: int) -> None:
 
 def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precisions: tuple[str, ...], opset: int,
                  engine: bool | None, profile: ProfileShapes, build: BuildOptions) -> dict[str, Any]:
-    others = tuple(p for p in precisions if p != "fp32")
-    parity = export_model(model, out_dir, regions=regions, precisions=others, opset=opset)
+    parity = export_model(model, out_dir, regions=regions, precisions=precisions, opset=opset)  # fp32 always
     specs = graph_specs(model, regions)
     shutil.copyfile(checkpoint, out_dir / CHECKPOINT)  # the runtime's PyTorch backend loads it from here
     vocab_file = None
@@ -158,11 +149,7 @@ ARTIFACT_EXTRAS = ("calibration", "int8_report.json", "int8_report.md")  # writt
 
 
 def is_artifact_directory(directory: Path) -> bool:
-    try:
-        read_manifest(directory)
-    except ArtifactError:
-        return False
-    return True
+    return bool(owned_entries(directory))  # empty only without a valid manifest
 
 
 def owned_entries(directory: Path) -> set[str]:
@@ -182,4 +169,4 @@ def install(out_dir: Path, work: Path, manifest: dict[str, Any], replaced: set[s
     names them (calibrate replaces its INT8 files). The manifest is written last. Nothing
     outside ``out_dir`` is read for this or touched."""
     keep_foreign(out_dir, work, {MANIFEST} | (owned_entries(out_dir) if replaced is None else replaced))
-    write_manifest(work, manifest)
+    write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")

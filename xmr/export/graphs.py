@@ -89,15 +89,11 @@ class PreparedIO:
                 **{TEXT_PREFIX + t.name: [text.get(a, a) for a in t.axes] for t in self.spec.texts}}
 
 
-def _float_dtype(model: RetrievalModel) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def graph_specs(model: RetrievalModel, regions: int) -> dict[str, GraphSpec]:
     """The three graphs' inputs and outputs for ``model`` with ``regions`` regions per image."""
     io = PreparedIO(model.prepared_spec())
     shapes = io.shapes(regions)
-    float_type = str(_float_dtype(model)).removeprefix("torch.")
+    float_type = str(next(model.parameters()).dtype).removeprefix("torch.")
     image_outputs = [TensorSpec(n, float_type, shapes[n]) for n in io.image_names]
     text_outputs = [TensorSpec(n, float_type, shapes[n]) for n in io.text_names]
     lengths = TensorSpec("lengths", "int64", [N_CAPTIONS])
@@ -110,34 +106,27 @@ def graph_specs(model: RetrievalModel, regions: int) -> dict[str, GraphSpec]:
     }
 
 
-class ImageEncoderGraph(nn.Module):
+class _PreparedGraph(nn.Module):
     def __init__(self, model: RetrievalModel) -> None:
         super().__init__()
         self.model, self.io = model, PreparedIO(model.prepared_spec())
 
+
+class ImageEncoderGraph(_PreparedGraph):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.io.to_graph_images(self.model.prepare_images(self.model.img_enc(features))).values())
 
 
-class TextEncoderGraph(nn.Module):
-    def __init__(self, model: RetrievalModel) -> None:
-        super().__init__()
-        self.model, self.io = model, PreparedIO(model.prepared_spec())
-
+class TextEncoderGraph(_PreparedGraph):
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         prepared = self.model.prepare_texts(self.model.txt_enc(ids, lengths), lengths)
         return tuple(self.io.to_graph_texts(prepared).values())
 
 
-class PairScorerGraph(nn.Module):
-    def __init__(self, model: RetrievalModel) -> None:
-        super().__init__()
-        self.model, self.io = model, PreparedIO(model.prepared_spec())
-
+class PairScorerGraph(_PreparedGraph):
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        n_img = len(self.io.image_names)
-        images = dict(zip(self.io.image_names, tensors[:n_img]))
-        texts = dict(zip(self.io.text_names, tensors[n_img:-1]))
+        images = dict(zip(self.io.image_names, tensors))  # zip stops after the image tensors
+        texts = dict(zip(self.io.text_names, tensors[len(images):-1]))
         return self.model.score_prepared(*self.io.from_graph(images, texts, tensors[-1]))
 
 

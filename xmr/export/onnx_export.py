@@ -62,14 +62,8 @@ def graph_inputs(modules: dict[str, torch.nn.Module], spec: dict[str, GraphSpec]
 
 def forbidden_ops(graph: onnx.GraphProto) -> set[str]:
     """Control-flow and sequence ops anywhere in ``graph``, subgraphs included."""
-    found = set()
-    for node in graph.node:
-        if node.op_type in FORBIDDEN_OPS:
-            found.add(node.op_type)
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                found |= forbidden_ops(attribute.g)
-    return found
+    subgraphs = [a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return ({node.op_type for node in graph.node} & FORBIDDEN_OPS).union(*map(forbidden_ops, subgraphs))
 
 
 def separate_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -103,8 +97,7 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, tor
     except onnx.checker.ValidationError as e:
         path.unlink(missing_ok=True)
         raise ExportError(f"{spec.name}: onnx.checker failed: {e}") from e
-    found = forbidden_ops(onnx.load(str(path)).graph)
-    if found:
+    if found := forbidden_ops(onnx.load(str(path)).graph):
         path.unlink(missing_ok=True)
         raise ExportError(f"{spec.name}: control-flow/sequence ops in the graph: {', '.join(sorted(found))}")
     return path
@@ -116,8 +109,7 @@ def max_differences(path: Path, module: torch.nn.Module, spec: GraphSpec,
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {t.name: inputs[t.name].numpy() for t in spec.inputs}
-    got = session.run([t.name for t in spec.outputs], feeds)
+    got = session.run([t.name for t in spec.outputs], {t.name: inputs[t.name].numpy() for t in spec.inputs})
     with torch.no_grad():
         expected = module(*(inputs[t.name] for t in spec.inputs))
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -133,15 +125,6 @@ def max_differences(path: Path, module: torch.nn.Module, spec: GraphSpec,
     return diffs
 
 
-def _worst_differences(path: Path, module: torch.nn.Module, spec: GraphSpec,
-                       cases: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    worst: dict[str, float] = {}
-    for case in cases:
-        for output, diff in max_differences(path, module, spec, case).items():
-            worst[output] = max(worst.get(output, 0.0), diff)
-    return worst
-
-
 def export_model(model: RetrievalModel, out_dir: Path, regions: int = 36, precisions: tuple[str, ...] = ("fp32",),
                  opset: int = OPSET, tolerances: dict[str, float] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Export, check and validate the three graphs of ``model`` into ``out_dir``, in fp32 and
@@ -152,8 +135,7 @@ def export_model(model: RetrievalModel, out_dir: Path, regions: int = 36, precis
     ``ExportError`` listing every output over its precision's tolerance (``TOLERANCES``), and
     removes the failing graph."""
     tolerances = {**TOLERANCES, **(tolerances or {})}
-    unknown = set(precisions) - set(PRECISIONS)
-    if unknown:
+    if unknown := set(precisions) - set(PRECISIONS):
         raise ExportError(f"unknown precision {', '.join(sorted(unknown))}; choose from {', '.join(PRECISIONS)}")
     model = model.float().eval()
     specs, modules = graph_specs(model, regions), graph_modules(model)
@@ -164,8 +146,8 @@ def export_model(model: RetrievalModel, out_dir: Path, regions: int = 36, precis
         fp32_path = export_graph(modules[name], specs[name], cases[0][name], graph_path(out_dir, name, "fp32"), opset)
         for precision in parity:
             path = fp32_path if precision == "fp32" else convert_to_fp16(fp32_path, graph_path(out_dir, name, precision))
-            worst = _worst_differences(path, modules[name], specs[name], [case[name] for case in cases])
-            parity[precision][name] = worst
+            diffs = [max_differences(path, modules[name], specs[name], case[name]) for case in cases]
+            parity[precision][name] = worst = {out: max(d[out] for d in diffs) for out in diffs[0]}
             failures = [f"- {out}: max diff = {d:.3g}" for out, d in worst.items() if not d <= tolerances[precision]]
             if failures:
                 path.unlink(missing_ok=True)

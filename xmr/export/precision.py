@@ -68,9 +68,8 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
         ready = [n for n in pending if all(i in available for i in n.input)]
         if not ready:
             raise ValueError("graph has a cycle or a dangling input")
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
+        ordered += ready
+        available.update(o for node in ready for o in node.output)
         done = {id(n) for n in ready}
         pending = [n for n in pending if id(n) not in done]
     del graph.node[:]

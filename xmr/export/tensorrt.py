@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from xmr.errors import ExportError
 from xmr.export.graphs import LENGTH, N_CAPTIONS, N_IMAGES, GraphSpec
@@ -99,18 +98,14 @@ class BuildOptions:
         return cls(workspace_bytes=int(workspace_gib * (1 << 30)), optimization_level=optimization_level)
 
 
-def _create_network_flags(trt: ModuleType) -> int:
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
-
-
 def build_engine(trt: ModuleType, onnx_path: Path, spec: GraphSpec, profile: ProfileShapes,
                  options: BuildOptions | None = None) -> bytes:
     """A serialized engine for one exported graph; raises ``ExportError`` on any failure."""
     options = options or BuildOptions()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(_create_network_flags(trt))
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -121,7 +116,10 @@ def build_engine(trt: ModuleType, onnx_path: Path, spec: GraphSpec, profile: Pro
     if options.compute_capability is not None:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, options.compute_capability), 0)
-    cache = _load_timing_cache(config, options.timing_cache)
+    timing_cache = options.timing_cache
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)  # ``cache`` must outlive the build
     optimization_profile = builder.create_optimization_profile()
     for tensor in spec.inputs:
         if tensor.dynamic_axes():
@@ -130,14 +128,6 @@ def build_engine(trt: ModuleType, onnx_path: Path, spec: GraphSpec, profile: Pro
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise ExportError(f"TensorRT failed to build an engine for {onnx_path.name} (see the log above)")
-    if cache is not None and options.timing_cache is not None:
-        options.timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    if timing_cache is not None:
+        timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
     return bytes(memoryview(engine))
-
-
-def _load_timing_cache(config: Any, path: Path | None) -> Any:
-    if path is None:
-        return None
-    cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache

@@ -181,7 +181,7 @@ def _zip_globals(path: Path, file: BinaryIO) -> set[str]:
 def _plain(value: Any) -> Any:
     """Options as plain dicts/lists, recursively."""
     if isinstance(value, _PickledNamespace):
-        return {k: _plain(v) for k, v in vars(value).items()}
+        value = vars(value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -189,30 +189,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _is_tar(file: BinaryIO) -> bool:
-    """Whether ``tarfile`` takes the file for a tar, as torch.load tries first (pre-1.0 format)."""
-    try:
-        tarfile.open(fileobj=file, mode="r:").close()
-        return True
-    except tarfile.TarError:
-        return False
-    finally:
-        file.seek(0)
-
-
 def _legacy_globals(path: Path, file: BinaryIO) -> set[str]:
     """The globals in the pickles of a legacy torch.save stream: magic number, protocol,
-    system info, the object, its storage keys (raw storage bytes follow, unpickled)."""
-    if _is_tar(file):
-        raise CheckpointError(f"{path}: a tar archive (torch's pre-1.0 format), not a torch.save checkpoint")
-    found: set[str] = set()
-    for _ in range(5):
-        found |= _pickle_globals(file)
-    return found
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    system info, the object, its storage keys (raw storage bytes follow, unpickled).
+    A file ``tarfile`` takes for a tar (torch.load tries that first: the pre-1.0 format) is refused."""
+    try:
+        tarfile.open(fileobj=file, mode="r:").close()
+    except tarfile.TarError:
+        file.seek(0)
+        return set().union(*(_pickle_globals(file) for _ in range(5)))
+    raise CheckpointError(f"{path}: a tar archive (torch's pre-1.0 format), not a torch.save checkpoint")
 
 
 def _check_format_and_globals(path: Path, file: BinaryIO) -> None:
@@ -228,9 +214,9 @@ def _check_format_and_globals(path: Path, file: BinaryIO) -> None:
         raise CheckpointError(f"{path}: neither a torch.save zip archive nor a legacy torch.save file ({start})")
     refused = sorted(n for n in names if n not in _ALLOWED_GLOBALS and not _STORAGE_GLOBAL.fullmatch(n))
     if refused:
-        raise CheckpointError(
-            f"{path}: cannot read as an authors' checkpoint: refusing to unpickle {_one_line(', '.join(refused))} "
-            "(only tensors, containers, numpy scalars and the training options may be in it)")
+        raise CheckpointError(f"{path}: cannot read as an authors' checkpoint: refusing to unpickle "
+                              f"{' '.join(', '.join(refused).split())} (only tensors, containers, numpy scalars "
+                              "and the training options may be in it)")
     file.seek(0)
 
 
@@ -371,8 +357,8 @@ def _camp_state(blob: dict[str, Any]) -> dict[str, torch.Tensor]:
     if not isinstance(parts, (list, tuple)) or len(parts) != 3:
         raise CheckpointError("CAMP checkpoint 'model' must be [image encoder, text encoder, similarity] state dicts")
     state: dict[str, torch.Tensor] = {}
-    for part, rules, where in zip(parts, (CAMP_IMAGE_KEYS, CAMP_TEXT_KEYS, CAMP_SIM_KEYS), ("model[0]", "model[1]", "model[2]")):
-        state.update(map_keys(part, rules, where))
+    for i, (part, rules) in enumerate(zip(parts, (CAMP_IMAGE_KEYS, CAMP_TEXT_KEYS, CAMP_SIM_KEYS))):
+        state.update(map_keys(part, rules, f"model[{i}]"))
     return state
 
 
@@ -389,10 +375,8 @@ def _load_weights(model: RetrievalModel, state: dict[str, torch.Tensor]) -> None
         if key not in state:
             raise CheckpointError(f"missing key for {key!r} in the checkpoint")
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"shape mismatch for {key!r}: checkpoint has {tuple(state[key].shape)}, "
-                f"the config implies {tuple(tensor.shape)}"
-            )
+            raise CheckpointError(f"shape mismatch for {key!r}: checkpoint has {tuple(state[key].shape)}, "
+                                  f"the config implies {tuple(tensor.shape)}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -408,10 +392,8 @@ def import_authors_checkpoint(path: str | Path, model: str, vocab: Vocabulary) -
         state = AUTHORS_STATES[model](blob)
         config: ModelConfig = imram_config(opt) if model == "imram" else camp_config(opt, state)
         if config.vocab_size != len(vocab):
-            raise CheckpointError(
-                f"the checkpoint was trained with vocab_size={config.vocab_size} but the vocabulary has "
-                f"{len(vocab)} words; pass the vocabulary it was trained with"
-            )
+            raise CheckpointError(f"the checkpoint was trained with vocab_size={config.vocab_size} but the vocabulary "
+                                  f"has {len(vocab)} words; pass the vocabulary it was trained with")
         result = build_model(config, vocab)
         _load_weights(result, state)
     except CheckpointError as e:

@@ -23,8 +23,6 @@ from xmr.paths import file_sha256
 
 FORMAT = "xmr-checkpoint"
 FORMAT_VERSION = 1
-__all__ = ["FORMAT", "FORMAT_VERSION", "check_finite_weights", "file_sha256", "is_checkpoint_file", "load_checkpoint",
-           "read_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(model: RetrievalModel, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -43,10 +41,6 @@ def save_checkpoint(model: RetrievalModel, path: str | Path, metadata: dict[str,
     buffer = io.BytesIO()  # serialised first: torch.save on a full disk raises a RuntimeError, a write an OSError
     torch.save(blob, buffer)
     return write_file(Path(path), lambda partial: partial.write_bytes(buffer.getbuffer()))
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -108,7 +102,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except XmrError as e:
         raise CheckpointError(f"{path}: {e}") from e
     except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: checkpoint does not match its config ({_one_line(e)})"[:500]) from e
+        reason = " ".join(str(e).split()) or type(e).__name__  # all lines: torch lists every bad key
+        raise CheckpointError(f"{path}: checkpoint does not match its config ({reason})"[:500]) from e
     model.checkpoint_metadata = metadata
     model.checkpoint_sha256 = file_sha256(path)
     return model.to(resolve_device(map_location)).eval()

@@ -8,13 +8,7 @@ from typing import ClassVar
 from xmr.config import check_bool, check_choice, check_float, check_int, check_memory
 
 IMRAM_MODES = ("text", "image", "full")
-MEMORY_HINT = "lower embed_size, word_dim, img_dim or vocab_size"
 MAX_STEPS = 100  # IMRAM matching steps; the paper uses 1-3
-
-
-def check_margin(owner: str, margin: object) -> float:
-    """The triplet loss margin: finite and >= 0."""
-    return check_float(owner, "margin", margin, 0.0)
 
 
 @dataclass
@@ -44,7 +38,7 @@ class ModelConfig:
             check_bool(owner, name, getattr(self, name))
         self.check_fields(owner)
         check_memory(owner, f"the float32 weights (about {self.parameter_estimate():,} parameters)",
-                     4 * self.parameter_estimate(), MEMORY_HINT)
+                     4 * self.parameter_estimate(), "lower embed_size, word_dim, img_dim or vocab_size")
 
     def check_fields(self, owner: str) -> None:
         """The fields of a model kind (the shared ones are checked by ``__post_init__``)."""
@@ -93,7 +87,7 @@ class ImramConfig(ModelConfig):
         check_int(owner, "steps", self.steps, 1, MAX_STEPS)
         check_float(owner, "lambda_softmax", self.lambda_softmax, 0.0, above=True)
         check_bool(owner, "memory_norm", self.memory_norm)
-        check_margin(owner, self.margin)
+        check_float(owner, "margin", self.margin, 0.0)  # the triplet loss margin
 
 
 @dataclass
@@ -106,4 +100,4 @@ class DualEncoderConfig(ModelConfig):
     margin: float = 0.2
 
     def check_fields(self, owner: str) -> None:
-        check_margin(owner, self.margin)
+        check_float(owner, "margin", self.margin, 0.0)  # the triplet loss margin

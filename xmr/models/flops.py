@@ -38,8 +38,7 @@ class ScoringCost:
 
     def total(self, n_images: int, n_captions: int) -> int:
         """All of it, for one block of ``n_images`` x ``n_captions``."""
-        return (n_images * n_captions * self.per_pair + n_images * (self.per_image + self.per_image_in_block)
-                + n_captions * (self.per_caption + self.per_caption_in_block))
+        return self.block(n_images, n_captions) + n_images * self.per_image + n_captions * self.per_caption
 
     def block(self, n_images: int, n_captions: int) -> int:
         """The pair stage (``score_prepared``) of one block."""
@@ -107,10 +106,6 @@ def camp_cost(config: CampConfig, regions: int, length: int, form: str) -> Scori
     return ScoringCost(per_pair, per_image=inputs * r, per_caption=inputs * n)
 
 
-def dual_cost(config: DualEncoderConfig, regions: int, length: int, form: str) -> ScoringCost:
-    return ScoringCost(2 * config.embed_size)
-
-
 def scoring_cost(config: ModelConfig, regions: int, length: int, form: str = "fast") -> ScoringCost:
     """Matmul FLOPs of scoring captions of ``length`` tokens against images of ``regions`` regions."""
     if form not in FORMS:
@@ -119,8 +114,8 @@ def scoring_cost(config: ModelConfig, regions: int, length: int, form: str = "fa
         return imram_cost(config, regions, length, form)
     if isinstance(config, CampConfig):
         return camp_cost(config, regions, length, form)
-    if isinstance(config, DualEncoderConfig):
-        return dual_cost(config, regions, length, form)
+    if isinstance(config, DualEncoderConfig):  # the cosine of two pooled vectors
+        return ScoringCost(2 * config.embed_size)
     raise ConfigError(f"no cost model for {type(config).__name__}")
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from xmr.data.vocab import Vocabulary
 from xmr.models.base import ITEMS, LENGTH, REGIONS, Prepared, PreparedSpec, PreparedTensor, RetrievalModel
 from xmr.models.config import ImramConfig
-from xmr.models.layers import L2_EPS, cosine, grid_matmul, l2norm, leaky_relu, length_mask, masked_mean
+from xmr.models.layers import L2_EPS, cosine, grid_matmul, l2norm, length_mask, masked_mean
 from xmr.models.losses import triplet_loss
 
 
@@ -27,7 +27,7 @@ def attention_from_scores(scores: torch.Tensor, lambda_softmax: float, query_mas
     excluded), then a λ-softmax over the context. Masks are bool ``(..., Q)`` / ``(..., C)``,
     true at real tokens.
     """
-    s = leaky_relu(scores)
+    s = torch.nn.functional.leaky_relu(scores, 0.1)
     if query_mask is not None:  # padded queries must not enter the norm across queries
         s = s * query_mask.unsqueeze(-1).to(s.dtype)
     logits = lambda_softmax * l2norm(s, dim=-2)
@@ -198,19 +198,15 @@ class Imram(RetrievalModel):
 
     def text_steps(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
                    final_update: bool = False) -> torch.Tensor:
-        """Text-IMRAM: words attend regions. ``[K, Ni, Nt]``."""
-        words = cap_emb.unsqueeze(0)  # (1, Nt, L, D)
-        regions = img_emb.unsqueeze(1)  # (Ni, 1, R, D)
+        """Text-IMRAM: words ``(1, Nt, L, D)`` attend regions ``(Ni, 1, R, D)``. ``[K, Ni, Nt]``."""
         word_mask = length_mask(lengths, cap_emb.size(1)).unsqueeze(0)  # (1, Nt, L)
-        return self._match(words, regions, self.memory_t2i, word_mask, None, final_update)
+        return self._match(cap_emb.unsqueeze(0), img_emb.unsqueeze(1), self.memory_t2i, word_mask, None, final_update)
 
     def image_steps(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
                     final_update: bool = False) -> torch.Tensor:
-        """Image-IMRAM: regions attend words. ``[K, Ni, Nt]``."""
-        regions = img_emb.unsqueeze(1)  # (Ni, 1, R, D)
-        words = cap_emb.unsqueeze(0)  # (1, Nt, L, D)
+        """Image-IMRAM: regions ``(Ni, 1, R, D)`` attend words ``(1, Nt, L, D)``. ``[K, Ni, Nt]``."""
         word_mask = length_mask(lengths, cap_emb.size(1)).unsqueeze(0)  # (1, Nt, L)
-        return self._match(regions, words, self.memory_i2t, None, word_mask, final_update)
+        return self._match(img_emb.unsqueeze(1), cap_emb.unsqueeze(0), self.memory_i2t, None, word_mask, final_update)
 
     def _score_direct(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
                       final_update: bool = False) -> torch.Tensor:

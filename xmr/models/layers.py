@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xmr.errors import ShapeError
@@ -61,9 +60,7 @@ def qkv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
 
 def xavier_uniform_(linear: nn.Linear, fan_in: int | None = None, fan_out: int | None = None) -> None:
     """The authors' init: U(-r, r) with r = sqrt(6 / (fan_in + fan_out)); bias 0."""
-    fan_in = fan_in or linear.in_features
-    fan_out = fan_out or linear.out_features
-    r = math.sqrt(6.0) / math.sqrt(fan_in + fan_out)
+    r = math.sqrt(6.0) / math.sqrt((fan_in or linear.in_features) + (fan_out or linear.out_features))
     nn.init.uniform_(linear.weight, -r, r)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
@@ -143,7 +140,3 @@ def check_embeddings(img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torc
     _check(lengths.dim() == 1 and lengths.size(0) == cap_emb.size(0),
            f"lengths must be [{cap_emb.size(0)}] (one per caption), got {list(lengths.shape)}")
     check_lengths(lengths, cap_emb.size(1))
-
-
-def leaky_relu(x: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu(x, 0.1)

@@ -18,10 +18,9 @@ import concurrent.futures
 from typing import Any
 
 import numpy as np
-import torch
 
 from xmr.runtime.batcher import BatcherConfig, DynamicBatcher
-from xmr.runtime.gallery import Gallery, TextGallery, concat_texts
+from xmr.runtime.gallery import Gallery, concat
 from xmr.runtime.scorer import Captions, Images, PairsRequest, Scorer, SearchRequest, SearchResult
 
 Request = SearchRequest | PairsRequest
@@ -71,30 +70,15 @@ class BatchedScorer:
         self.close()
 
     def _run_batch(self, requests: list[Request]) -> list[Any]:
-        if isinstance(requests[0], PairsRequest):
-            first = requests[0]
-            merged = self.scorer.run_pairs(PairsRequest(first.images, first.texts,
-                                                        np.concatenate([r.pairs for r in requests])))
-            return np.split(merged, np.cumsum([len(r.pairs) for r in requests])[:-1])
-        query = _concat([r.query for r in requests])  # type: ignore[union-attr]
-        merged = self.scorer.run_search(SearchRequest(query, requests[0].gallery, max(r.k for r in requests)))
-        results, start = [], 0
-        for r in requests:
-            rows = slice(start, start + len(r.query))  # type: ignore[union-attr]
-            results.append(SearchResult(merged.indices[rows, : r.k], merged.scores[rows, : r.k]))  # type: ignore[union-attr]
-            start = rows.stop
-        return results
-
-
-def _concat(galleries: list[Gallery]) -> Gallery:
-    """One gallery of several, in order."""
-    first = galleries[0]
-    if len(galleries) == 1:
-        return first
-    if isinstance(first, TextGallery):
-        return concat_texts(galleries)  # type: ignore[arg-type]
-    items = {n: torch.cat([g.items[n] for g in galleries]) for n in first.items}
-    return type(first)(items, first.identity, first.precision)
+        cuts = np.cumsum([_batch_size(r) for r in requests])[:-1]  # where each request's rows start
+        first = requests[0]
+        if isinstance(first, PairsRequest):
+            pairs = np.concatenate([r.pairs for r in requests])
+            return np.split(self.scorer.run_pairs(PairsRequest(first.images, first.texts, pairs)), cuts)
+        query = concat([r.query for r in requests])  # type: ignore[union-attr]
+        merged = self.scorer.run_search(SearchRequest(query, first.gallery, max(r.k for r in requests)))
+        return [SearchResult(indices[:, : r.k], scores[:, : r.k]) for r, indices, scores  # type: ignore[union-attr]
+                in zip(requests, np.split(merged.indices, cuts), np.split(merged.scores, cuts))]
 
 
 def _batch_key(request: Request) -> tuple:

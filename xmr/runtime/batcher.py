@@ -10,7 +10,6 @@ the bad request fails, and ``close`` finishes accepted work before it returns.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import math
@@ -71,20 +70,6 @@ class BatcherStats:
     cancelled: int = 0  # cancelled by the caller before they ran: skipped, not counted in ``requests``
     items: int = 0  # ``size`` summed over completed requests
 
-    @property
-    def mean_batch_size(self) -> float:
-        """Requests per batch."""
-        return self.requests / self.batches if self.batches else 0.0
-
-    @property
-    def mean_queue_ms(self) -> float:
-        return 1e3 * self.queue_seconds / self.requests if self.requests else 0.0
-
-    @property
-    def mean_compute_ms(self) -> float:
-        """Per batch."""
-        return 1e3 * self.compute_seconds / self.batches if self.batches else 0.0
-
 
 @dataclass(eq=False)
 class _Request:
@@ -96,11 +81,6 @@ class _Request:
     taken: bool = False
 
 
-def _bucket(items: int) -> int:
-    """The histogram key: the smallest power of two >= ``items`` (1 for 0 or 1)."""
-    return 1 << max(0, items - 1).bit_length()
-
-
 def _checked_size(size: object) -> int:
     """``size(payload)`` as an int >= 0 (numpy integers welcome), or a ValueError saying what came back."""
     try:
@@ -110,14 +90,6 @@ def _checked_size(size: object) -> int:
     if items < 0:
         raise ValueError(f"size(payload) must return an integer >= 0, got {size!r}")
     return items
-
-
-def _no_key(payload: object) -> None:
-    return None
-
-
-def _one(payload: object) -> int:
-    return 1
 
 
 class _Queue:
@@ -178,16 +150,13 @@ class DynamicBatcher(Generic[P, R]):
     items a request adds towards ``max_batch`` (default 1 per request)."""
 
     def __init__(self, run_batch: Callable[[list[P]], list[R]], config: BatcherConfig = BatcherConfig(),
-                 key: Callable[[P], Hashable] = _no_key, size: Callable[[P], int] = _one,
+                 key: Callable[[P], Hashable] = lambda payload: None, size: Callable[[P], int] = lambda payload: 1,
                  name: str = "xmr-batcher") -> None:
-        if not isinstance(config, BatcherConfig):
-            raise InputError(f"a batcher config is a BatcherConfig, got {type(config).__name__}")
-        config.validate()
         self.name = name
-        self._config = config
+        self._cond = threading.Condition()
+        self.config = config  # checked
         self._run_batch, self._key, self._size = run_batch, key, size
         self._queue = _Queue()
-        self._cond = threading.Condition()
         self._closed = False
         self._stats = BatcherStats()
         self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -229,11 +198,6 @@ class DynamicBatcher(Generic[P, R]):
             self._queue.append(_Request(payload, key, size, future, time.monotonic()))
             self._cond.notify_all()
         return future
-
-    async def submit_async(self, payload: P) -> R:
-        """``submit`` for asyncio code: awaits the result without blocking the event loop.
-        Cancelling the awaiting task cancels the request if it has not started yet."""
-        return await asyncio.wrap_future(self.submit(payload))
 
     def stats(self) -> BatcherStats:
         """A consistent snapshot of the counters (a copy: later work does not change it)."""
@@ -327,7 +291,8 @@ class DynamicBatcher(Generic[P, R]):
             stats.requests += len(live)
             stats.items += items
             stats.failed += sum(not ok for ok, _ in outcomes)
-            stats.batch_sizes[_bucket(items)] = stats.batch_sizes.get(_bucket(items), 0) + 1
+            bucket = 1 << max(0, items - 1).bit_length()  # the smallest power of two >= items (1 for 0 or 1)
+            stats.batch_sizes[bucket] = stats.batch_sizes.get(bucket, 0) + 1
             stats.queue_seconds += sum(start - r.submitted for r in live)
             stats.compute_seconds += compute
 

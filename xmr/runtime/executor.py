@@ -33,10 +33,6 @@ def row_blocks(plan: Plan) -> list[slice]:
     return [slice(i, min(i + plan.image_block, plan.n_images)) for i in range(0, plan.n_images, plan.image_block)]
 
 
-def blocks(plan: Plan) -> list[Block]:
-    return [Block(rows, group.index, group.length) for group in plan.groups for rows in row_blocks(plan)]
-
-
 def run_plan(backend: Backend, images: ImageGallery, texts: TextGallery, plan: Plan, out: np.ndarray,
              advance: Callable[[], None] = lambda: None) -> np.ndarray:
     """Scores of ``images`` x ``texts`` into ``out`` (float32 ``[Ni, Nt]``), block by block."""
@@ -82,7 +78,8 @@ def _run_streams(backend: Backend, images: ImageGallery, texts: TextGallery, pla
     producer = torch.cuda.current_stream(device)
     for slot in slots:
         slot.stream.wait_stream(producer)  # galleries were written on the caller's stream
-    for n, block in enumerate(blocks(plan)):
+    todo = [Block(rows, group.index, group.length) for group in plan.groups for rows in row_blocks(plan)]
+    for n, block in enumerate(todo):
         slot = slots[n % STREAMS]
         slot.drain(out)
         with torch.cuda.stream(slot.stream):

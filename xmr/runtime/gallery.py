@@ -94,13 +94,6 @@ class Gallery:
         if self.kind == "images" and (self.lengths is not None or self.offsets):
             raise InputError(f"{where} holds caption lengths or offsets; an image gallery has image_* tensors only")
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = dict(self.items)
-        if self.lengths is not None:
-            tensors["lengths"] = self.lengths
-        tensors.update({f"offsets_{a}": offsets for a, offsets in self.offsets.items()})
-        return tensors
-
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the gallery to directory ``path``: built beside it and swapped in atomically.
 
@@ -112,7 +105,9 @@ class Gallery:
         check_output_dir(path, is_gallery, overwrite, "gallery")
         with staged_directory(path) as work:
             entries = {}
-            for name, tensor in self._tensors().items():
+            extra = {} if self.lengths is None else {"lengths": self.lengths}
+            extra.update({f"offsets_{a}": offsets for a, offsets in self.offsets.items()})
+            for name, tensor in {**self.items, **extra}.items():
                 file = work / f"{name}.npy"
                 np.save(file, tensor.detach().cpu().numpy())
                 entries[name] = {"file": file.name, "sha256": file_sha256(file)}
@@ -130,10 +125,10 @@ class Gallery:
 
         The header must be an xmr gallery header whose digest matches (an edited identity,
         precision or kind is refused); every tensor file a plain ``NAME.npy`` inside ``path``
-        whose sha256 matches (``verify=False`` skips only the hashing: about 1-2 s per GB)
-        and whose dtype and size are what the header implies; caption lengths and offsets
-        exactly consistent with the packed tensors; no NaN or Inf. Each problem: one
-        ``InputError``. Hashing and the NaN check read every file once (about 1-2 s per GB)."""
+        whose sha256 matches (``verify=False`` skips only the hashing) and whose dtype and size
+        are what the header implies; caption lengths and offsets exactly consistent with the
+        packed tensors; no NaN or Inf. Each problem: one ``InputError``. Hashing and the NaN
+        check read every file once (about 1-2 s per GB)."""
         if not isinstance(path, (str, os.PathLike)):
             raise InputError(f"a gallery is loaded from a directory path, got {type(path).__name__}")
         path = Path(path)
@@ -166,10 +161,8 @@ class Gallery:
         if len(gallery) != header["count"]:
             raise InputError(f"gallery {path} holds {len(gallery)} items, its header says {header['count']}")
         for name, tensor in gallery.items.items():
-            flat = tensor.reshape(-1)
-            for start in range(0, flat.numel(), FINITE_CHUNK):
-                if not torch.isfinite(flat[start : start + FINITE_CHUNK]).all():
-                    raise InputError(f"gallery {path}: {name} holds NaN or Inf values (an encoder never makes them)")
+            if not all(torch.isfinite(chunk).all() for chunk in tensor.reshape(-1).split(FINITE_CHUNK)):
+                raise InputError(f"gallery {path}: {name} holds NaN or Inf values (an encoder never makes them)")
         return gallery
 
 
@@ -379,10 +372,14 @@ class TextGallery(Gallery):
         return TextGallery.from_padded(padded, self.lengths[index], self.identity, self.precision, self.length_axes)
 
 
-def concat_texts(galleries: list[TextGallery]) -> TextGallery:
-    """One caption gallery of several, in order (same model and precision)."""
+def concat(galleries: list[Gallery]) -> Any:
+    """One gallery of several of one kind, in order (same model and precision)."""
     first = galleries[0]
+    if len(galleries) == 1:
+        return first
     items = {name: torch.cat([g.items[name] for g in galleries]) for name in first.items}
+    if not isinstance(first, TextGallery):
+        return type(first)(items, first.identity, first.precision)
     offsets = {}
     for axes in first.offsets:
         shift = torch.cumsum(torch.tensor([0] + [int((g.lengths ** axes).sum()) for g in galleries[:-1]]), 0)

@@ -205,18 +205,14 @@ def as_tokens(ids: object, lengths: object, vocab_size: int) -> Tokens:
     return Tokens(ids_t, lengths_t)
 
 
-def limit_length(tokens: Tokens, max_length: int | None, end_id: int, truncate: bool) -> Tokens:
-    """Cut captions longer than ``max_length`` tokens (keeping ``<end>`` last), with a warning;
-    an ``InputError`` instead when ``truncate`` is false."""
+def limit_length(tokens: Tokens, max_length: int | None, vocab: Vocabulary | None, truncate: bool) -> Tokens:
+    """Cut captions longer than ``max_length`` tokens (keeping ``<end>`` last: ``vocab``'s, else id 2),
+    with a warning; an ``InputError`` instead when ``truncate`` is false."""
     if max_length is None or int(tokens.lengths.max()) <= max_length:
         return tokens
     long = torch.nonzero(tokens.lengths > max_length).flatten().tolist()
     too_long(long, str(int(tokens.lengths.max())), max_length, truncate)
     ids = tokens.ids[:, :max_length].clone()
     lengths = tokens.lengths.clamp(max=max_length)
-    ids[long, max_length - 1] = end_id
+    ids[long, max_length - 1] = vocab.word2idx[END] if vocab is not None else 2
     return Tokens(ids, lengths)
-
-
-def end_token(vocab: Vocabulary | None) -> int:
-    return vocab.word2idx[END] if vocab is not None else 2

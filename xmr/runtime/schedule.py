@@ -60,17 +60,13 @@ class Plan:
 
     def padding_efficiency(self, lengths: np.ndarray) -> float:
         """Real caption tokens / tokens computed (1.0: no padding)."""
-        return padding_efficiency(lengths, self.groups)
+        computed = computed_tokens(self.groups)
+        return float(np.sum(lengths)) / computed if computed else 1.0
 
 
 def computed_tokens(groups: list[CaptionGroup]) -> int:
     """Caption tokens the launches compute (padding included), per image."""
     return sum(len(g.index) * g.length for g in groups)
-
-
-def padding_efficiency(lengths: np.ndarray, groups: list[CaptionGroup]) -> float:
-    computed = computed_tokens(groups)
-    return float(np.sum(lengths)) / computed if computed else 1.0
 
 
 def _cap(value: int, limit: int | None) -> int:

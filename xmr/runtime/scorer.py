@@ -30,9 +30,9 @@ from xmr.progress import progress
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends import Backend, Prepared, create_backend
 from xmr.runtime.executor import run_plan
-from xmr.runtime.gallery import Gallery, ImageGallery, TextGallery, concat_texts
+from xmr.runtime.gallery import Gallery, ImageGallery, TextGallery, concat
 from xmr.runtime.inputs import (
-    Tokens, as_features, as_tokens, caption_cap, end_token, limit_length, positive_int, tokenize_captions,
+    Tokens, as_features, as_tokens, caption_cap, limit_length, positive_int, tokenize_captions,
 )
 from xmr.runtime.schedule import Plan, computed_tokens, default_budget, plan_blocks
 
@@ -84,15 +84,11 @@ class Scorer:
         if not isinstance(backend, Backend):
             raise InputError(f"a Scorer needs a Backend (Scorer.load builds one from artifacts), got "
                              f"{type(backend).__name__}")
-        artifacts = backend.artifacts
-        self.artifacts = artifacts
-        self._backend = backend
-        self.vocab = artifacts.vocab
+        self.artifacts = artifacts = backend.artifacts
+        self._backend, self.vocab, self.truncate, self.bucketed = backend, artifacts.vocab, truncate, bucketed
         self.max_length = caption_cap(max_length, backend.limits.length)
-        self.truncate = truncate
         element_bytes = 2 if backend.precision == "fp16" else 4
         self.block_budget = default_budget(backend.device, element_bytes) if block_budget is None else block_budget
-        self.bucketed = bucketed
         self._lock = threading.RLock()  # one launch sequence at a time on the backend
         self._counters = {"pairs_scored": 0, "launches": 0, "real_tokens": 0, "computed_tokens": 0}
         text_outputs = artifacts.outputs("text_encoder")
@@ -110,14 +106,12 @@ class Scorer:
         ``backend``: ``auto`` (the fastest available for ``precision``), ``tensorrt``,
         ``onnxruntime`` or ``torch``. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: a GPU
         when there is one). ``threads``: ONNX Runtime CPU threads (default: the cores this process
-        may use). ``block_budget``: floats of a block's largest intermediate (default: CPU 2^23,
-        GPU a fraction of free memory). ``max_length``: the longest caption in tokens, ``<start>``
-        and ``<end>`` included (default: 128, or the TensorRT profile's longest when
-        that is smaller; at least 3, at most that profile's); longer captions are cut with an
-        ``InputWarning``, or refused if ``truncate`` is false, and raw text beyond the cap is
-        never tokenised. ``bucketed``: see the class. ``verify``: check every
-        file against the manifest's sha256 (False: file names are still confined to the
-        artifact directory, only the hashing is skipped)."""
+        may use). ``block_budget``, ``bucketed``: see the class. ``max_length``: the longest caption
+        in tokens, ``<start>``/``<end>`` included (default: 128, or the TensorRT profile's longest
+        when smaller; at least 3, at most that profile's); longer captions are cut with an
+        ``InputWarning`` (refused if ``truncate`` is false); raw text beyond the cap is never
+        tokenised. ``verify``: check every file against the manifest's sha256 (False: names are
+        still confined to the artifact directory, only the hashing is skipped)."""
         if threads is not None:
             positive_int(threads, "threads")
         if max_length is not None:
@@ -150,8 +144,7 @@ class Scorer:
         """Region features ``[N, R, img_dim]`` (numpy or torch) -> an image gallery on the backend's device."""
         if isinstance(features, Gallery):
             return self._own(features, ImageGallery, "encode_images")  # type: ignore[return-value]
-        config = self.artifacts.config
-        array = as_features(features, self.artifacts.regions, config["img_dim"], single=True)
+        array = as_features(features, self.artifacts.regions, self.artifacts.config["img_dim"], single=True)
         launches = list(self._encode(array, None, torch.arange(array.size(0)), "encode images", show_progress))
         items = {name: torch.cat([result[name] for _, result in launches]) for name in launches[0][1]}
         return ImageGallery(items, self.artifacts.identity, self.precision)
@@ -165,7 +158,7 @@ class Scorer:
         parts = [TextGallery.from_padded(result, tokens.lengths[index], self.artifacts.identity, self.precision,
                                          self._length_axes)
                  for index, result in self._encode(tokens.ids, tokens.lengths, order, "encode captions", show_progress)]
-        packed = concat_texts(parts)  # in launch order: put each caption's offsets back in input order
+        packed = concat(parts)  # in launch order: put each caption's offsets back in input order
         offsets = {a: torch.empty_like(o).index_copy_(0, order, o) for a, o in packed.offsets.items()}
         return TextGallery(packed.items, packed.identity, packed.precision, tokens.lengths.clone(), packed.meta, offsets)
 
@@ -176,7 +169,7 @@ class Scorer:
     def _tokens(self, captions: Captions) -> Tokens:
         if isinstance(captions, tuple) and len(captions) == 2 and not isinstance(captions[0], str):
             tokens = as_tokens(captions[0], captions[1], self.artifacts.config["vocab_size"])
-            return limit_length(tokens, self.max_length, end_token(self.vocab), self.truncate)
+            return limit_length(tokens, self.max_length, self.vocab, self.truncate)
         if self.vocab is None:
             raise InputError("these artifacts carry no vocabulary: pass captions as (ids, lengths)")
         return tokenize_captions(captions, self.vocab, self.max_length, self.truncate)
@@ -185,14 +178,13 @@ class Scorer:
                 show: bool) -> Iterator[tuple[torch.Tensor, Prepared]]:
         """(indices, encoder outputs) per launch of ``ENCODE_BATCH`` items taken in ``order``;
         caption launches are cut to their longest caption."""
-        n = data.size(0)
-        batch = ENCODE_BATCH.get(self._backend.device.type, ENCODE_BATCH["cpu"])
+        device = self._backend.device
+        batch = ENCODE_BATCH.get(device.type, ENCODE_BATCH["cpu"])
         limit = self._backend.limits.images if lengths is None else self._backend.limits.captions
         batch = min(batch, limit or batch)
-        device = self._backend.device
         with self._lock, progress(show) as bar:
-            task = bar.add_task(what, total=n, info="")
-            for start in range(0, n, batch):
+            task = bar.add_task(what, total=data.size(0), info="")
+            for start in range(0, data.size(0), batch):
                 index = order[start : start + batch]
                 if lengths is None:
                     yield index, self._backend.encode_images(data[index].to(device))
@@ -243,22 +235,20 @@ class Scorer:
                                  f"max_length={self.max_length}; load the scorer with a larger max_length= (up to what "
                                  f"its backend takes) or re-encode the captions with this scorer")
 
-    def _images(self, images: Images, role: str) -> ImageGallery:
-        if isinstance(images, Gallery):
-            return self._own(images, ImageGallery, role)  # type: ignore[return-value]
-        return self.encode_images(images)
+    def _gallery(self, value: Any, kind: type[Gallery], role: str) -> Any:
+        """``value`` as a ``kind`` gallery of this scorer: checked (``_own``) if it is a gallery, else encoded."""
+        if isinstance(value, Gallery):
+            return self._own(value, kind, role)
+        return self.encode_images(value) if kind is ImageGallery else self.encode_texts(value)
 
-    def _texts(self, texts: Captions, role: str) -> TextGallery:
-        if isinstance(texts, Gallery):
-            return self._own(texts, TextGallery, role)  # type: ignore[return-value]
-        return self.encode_texts(texts)
+    def _galleries(self, images: Images, texts: Captions, call: str) -> tuple[ImageGallery, TextGallery]:
+        return self._gallery(images, ImageGallery, f"{call}: images"), self._gallery(texts, TextGallery, f"{call}: texts")
 
     # -- scoring
     def plan(self, images: Images, texts: Captions) -> Plan:
         """How ``score`` cuts ``images`` x ``texts`` into launches (``bucketed=False``: captions in
         their given order, the baseline that length bucketing is measured against)."""
-        return self._plan(self._images(images, "plan(images, texts): images"),
-                          self._texts(texts, "plan(images, texts): texts"))
+        return self._plan(*self._galleries(images, texts, "plan(images, texts)"))
 
     def _plan(self, images: ImageGallery, texts: TextGallery) -> Plan:
         return plan_blocks(len(images), texts.lengths.numpy(), self.artifacts.regions,
@@ -267,8 +257,7 @@ class Scorer:
     def score(self, images: Images, texts: Captions, show_progress: bool = False,
               description: str = "score") -> np.ndarray:
         """float32 scores ``[Ni, Nt]`` of every (image, caption) pair; galleries or raw inputs."""
-        return self._score(self._images(images, "score(images, texts): images"),
-                           self._texts(texts, "score(images, texts): texts"), show_progress, description)
+        return self._score(*self._galleries(images, texts, "score(images, texts)"), show_progress, description)
 
     def _score(self, image_gallery: ImageGallery, text_gallery: TextGallery, show_progress: bool = False,
                description: str = "score") -> np.ndarray:
@@ -278,14 +267,11 @@ class Scorer:
         with self._lock, progress(show_progress) as bar:
             task = bar.add_task(description, total=plan.launches, info=f"{out.shape[0]}x{out.shape[1]} pairs")
             run_plan(self._backend, image_gallery, text_gallery, plan, out, lambda: bar.advance(task))
-            self._count(plan, text_gallery.lengths.numpy())
+            self._counters["pairs_scored"] += out.size
+            self._counters["launches"] += plan.launches
+            self._counters["real_tokens"] += int(text_gallery.lengths.sum()) * plan.n_images
+            self._counters["computed_tokens"] += computed_tokens(plan.groups) * plan.n_images
         return out
-
-    def _count(self, plan: Plan, lengths: np.ndarray) -> None:
-        self._counters["pairs_scored"] += plan.n_images * len(lengths)
-        self._counters["launches"] += plan.launches
-        self._counters["real_tokens"] += int(lengths.sum()) * plan.n_images
-        self._counters["computed_tokens"] += computed_tokens(plan.groups) * plan.n_images
 
     def search(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
         """Top-``k`` gallery items per query: captions against an ``ImageGallery`` (text -> image),
@@ -296,9 +282,9 @@ class Scorer:
         """``search``'s input checked and its query encoded (an ``InputError`` if anything is wrong)."""
         k = positive_int(k, "k")
         if isinstance(gallery, ImageGallery):
-            encoded: Gallery = self._texts(query, "search's query against an ImageGallery")  # type: ignore[arg-type]
+            encoded = self._gallery(query, TextGallery, "search's query against an ImageGallery")
         elif isinstance(gallery, TextGallery):
-            encoded = self._images(query, "search's query against a TextGallery")  # type: ignore[arg-type]
+            encoded = self._gallery(query, ImageGallery, "search's query against a TextGallery")
         else:
             raise InputError(f"search needs an ImageGallery or TextGallery to search, got {_describe(gallery)}")
         return SearchRequest(encoded, self._own(gallery, Gallery, "search's gallery"), k)
@@ -317,8 +303,7 @@ class Scorer:
 
     def pairs_request(self, images: Images, texts: Captions, pairs: object) -> PairsRequest:
         """``score_pairs``'s input checked and encoded."""
-        image_gallery = self._images(images, "score_pairs(images, texts, pairs): images")
-        text_gallery = self._texts(texts, "score_pairs(images, texts, pairs): texts")
+        image_gallery, text_gallery = self._galleries(images, texts, "score_pairs(images, texts, pairs)")
         return PairsRequest(image_gallery, text_gallery, check_pairs(pairs, len(image_gallery), len(text_gallery)))
 
     def run_pairs(self, request: PairsRequest) -> np.ndarray:
@@ -384,11 +369,8 @@ def check_pairs(pairs: object, n_images: int, n_captions: int) -> np.ndarray:
 
 
 def _describe(value: object) -> str:
-    if isinstance(value, TextGallery):
-        return "a TextGallery (encoded captions)"
-    if isinstance(value, ImageGallery):
-        return "an ImageGallery (encoded images)"
-    return type(value).__name__
+    described = {TextGallery: "a TextGallery (encoded captions)", ImageGallery: "an ImageGallery (encoded images)"}
+    return described.get(type(value), type(value).__name__)
 
 
 def _check_options(block_budget: object, truncate: object, bucketed: object) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from xmr.calibration.calibrate import DEFAULT_TARGET, calibrate_artifacts
 from xmr.calibration.dataset import CalibrationConfig
@@ -52,15 +52,6 @@ def run_directory(model: str) -> Path:
 def artifact_directory(model: str) -> Path:
     """Where ``xmr export --model MODEL`` writes by default: ``artifacts/MODEL``."""
     return Path("artifacts") / model
-
-
-@contextlib.contextmanager
-def _status(message: str, show: bool) -> Iterator[None]:
-    if not show:
-        yield
-        return
-    with console.status(message):
-        yield
 
 
 @dataclass(frozen=True)
@@ -180,7 +171,7 @@ def export_checkpoint(model: str, checkpoint: Optional[Path] = None, out: Option
     check_output_dir(out, is_artifact_directory, overwrite, "artifact directory")  # before any training
     path = checkpoint or ensure_checkpoint(model, show_progress=show_progress)
     exported = tuple(dict.fromkeys(("fp32", *(p for p in precisions if p != "int8"))))
-    with _status(f"exporting {model} from {path}", show_progress):
+    with console.status(f"exporting {model} from {path}") if show_progress else contextlib.nullcontext():
         manifest = export_artifacts(path, out, exported, regions, opset, engine, profile, build,
                                     expected_model=model, overwrite=overwrite)
     if "int8" in precisions:

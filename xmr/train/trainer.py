@@ -72,9 +72,7 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
 
 def caption_batches(n_captions: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffled caption indices in batches; the remainder is spread so no batch is smaller than 2."""
-    order = rng.permutation(n_captions)
-    n_batches = max(1, n_captions // batch_size)
-    return np.array_split(order, n_batches)
+    return np.array_split(rng.permutation(n_captions), max(1, n_captions // batch_size))
 
 
 def train_step(model: RetrievalModel, optimizer: torch.optim.Optimizer, split: PrecompSplit,
@@ -139,7 +137,6 @@ def train(model: RetrievalModel, train_split: PrecompSplit, dev_split: PrecompSp
     out = Path(out_dir)
     check_splits(model, train_split, dev_split, cfg)
     check_output_dir(out, is_run_directory, overwrite, "training output directory")
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.to(resolve_device(cfg.device))
@@ -180,8 +177,7 @@ def train(model: RetrievalModel, train_split: PrecompSplit, dev_split: PrecompSp
             save_json(log, out / LOG)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-    log["best_dev_rsum"] = best_rsum
-    log["seconds"] = time.perf_counter() - started
+    log.update(best_dev_rsum=best_rsum, seconds=time.perf_counter() - started)
     save_json(log, out / LOG)
     model.eval()
     return log

@@ -78,5 +78,4 @@ class _Released:
     def __getattr__(self, name: str) -> object:
         raise InputError(f"this scorer was closed ({self._what}); load a new one")
 
-    def __getitem__(self, key: object) -> object:
-        raise InputError(f"this scorer was closed ({self._what}); load a new one")
+    __getitem__ = __getattr__

@@ -45,13 +45,11 @@ def profile_limits(artifacts: Artifacts) -> Limits:
     limits = []
     for axis in (N_IMAGES, N_CAPTIONS, LENGTH):
         sizes = profile.get(axis)
-        if sizes is None:
-            limits.append(None)
-        elif isinstance(sizes, list) and len(sizes) == 3 and all(isinstance(s, int) and s >= 1 for s in sizes):
-            limits.append(sizes[2])
-        else:
+        valid = isinstance(sizes, list) and len(sizes) == 3 and all(isinstance(s, int) and s >= 1 for s in sizes)
+        if sizes is not None and not valid:
             raise ArtifactError(f"{artifacts.directory}: manifest profile {axis!r} must be [min, opt, max] sizes >= 1, "
                                 f"got {sizes!r}; re-export"[:300])
+        limits.append(sizes[2] if valid else None)
     return Limits(*limits)
 
 
@@ -79,16 +77,13 @@ class TensorRTBackend(GraphBackend):
         self.contexts: dict[tuple[str, int], object] = {}
         self.limits = profile_limits(artifacts)
 
-    def _context(self, graph: str, stream: torch.cuda.Stream) -> object:
-        key = (graph, stream.cuda_stream)
-        if key not in self.contexts:
-            self.contexts[key] = self.engines[graph].create_execution_context()
-        return self.contexts[key]
-
     def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         trt, engine = self.trt, self.engines[graph]
         stream = torch.cuda.current_stream(self.device)
-        context = self._context(graph, stream)
+        key = (graph, stream.cuda_stream)  # one execution context per stream, created on first use
+        if key not in self.contexts:
+            self.contexts[key] = engine.create_execution_context()
+        context = self.contexts[key]
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         keep = []
@@ -98,9 +93,7 @@ class TensorRTBackend(GraphBackend):
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
-        for name in names:
-            if name in inputs:
-                continue
+        for name in [n for n in names if n not in inputs]:
             shape = tuple(context.get_tensor_shape(name))
             outputs[name] = torch.empty(shape, dtype=self._torch_dtype(engine.get_tensor_dtype(name)), device=self.device)
             context.set_tensor_address(name, outputs[name].data_ptr())
