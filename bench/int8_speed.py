@@ -30,7 +30,8 @@ from rich.console import Console
 from rich.table import Table
 from results import write_results
 
-from xmr.calibration.dataset import CalibrationConfig, build_calibration_set
+from xmr.calibration.config import CalibrationConfig
+from xmr.calibration.dataset import build_calibration_set
 from xmr.calibration.fallback import Quantizer
 from xmr.data import SynthConfig, load_split, write_synthetic
 from xmr.data.synth import synth_vocabulary

@@ -12,7 +12,8 @@ from onnx import numpy_helper
 import xmr.calibration.calibrate as calibrate_module
 from xmr.calibration.accuracy import accuracy
 from xmr.calibration.calibrate import calibrate_artifacts
-from xmr.calibration.dataset import CalibrationConfig, build_calibration_set
+from xmr.calibration.config import CalibrationConfig
+from xmr.calibration.dataset import build_calibration_set
 from xmr.calibration.fallback import Evaluation
 from xmr.calibration.quantize import QUANTIZED_OPS, quantizable_nodes, quantized_nodes
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic

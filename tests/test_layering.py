@@ -119,6 +119,15 @@ def test_the_watch_list_would_see_a_heavy_import():
     assert "onnx" in loaded_after("import xmr.export.artifacts")["not for serving"]
 
 
+def test_the_command_line_starts_without_torch_or_onnx():
+    """``xmr --help`` and a mistyped option answer at once: the options come from modules that
+    load neither torch nor onnx (each command imports the library it calls)."""
+    code = ("import sys, xmr.cli\nfrom xmr.models import list_models\nlist_models()\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'onnxruntime'}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", (run.stdout, run.stderr[-2000:])
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("layering") / "synth"

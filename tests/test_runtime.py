@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from xmr.calibration.calibrate import calibrate_artifacts
-from xmr.calibration.dataset import CalibrationConfig
+from xmr.calibration.config import CalibrationConfig
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.errors import ArtifactError, BackendUnavailableError, InputError
 from xmr.calibration.fallback import graph_scorer

@@ -16,7 +16,7 @@ import torch
 
 import xmr.outputs as outputs
 from xmr.calibration.calibrate import calibrate_artifacts
-from xmr.calibration.dataset import CalibrationConfig
+from xmr.calibration.config import CalibrationConfig
 from xmr.data import SynthConfig, Vocabulary, write_synthetic
 from xmr.errors import ArtifactError, OutputError
 from xmr.export.artifacts import export_artifacts
@@ -175,7 +175,7 @@ KILL_SCRIPT = """
 import sys
 from pathlib import Path
 from xmr.calibration.calibrate import calibrate_artifacts
-from xmr.calibration.dataset import CalibrationConfig
+from xmr.calibration.config import CalibrationConfig
 from xmr.export.artifacts import export_artifacts
 command, checkpoint, out, data = sys.argv[1:]
 print("started", flush=True)

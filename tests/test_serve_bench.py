@@ -20,7 +20,7 @@ from xmr.benchmark.serve_report import plot_report
 from xmr.benchmark.workload import MAX_WORDS, MIN_WORDS, caption_lengths, random_inputs
 from xmr.calibration.accuracy import accuracy
 from xmr.calibration.calibrate import calibrate_artifacts
-from xmr.calibration.dataset import CalibrationConfig
+from xmr.calibration.config import CalibrationConfig
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.export.artifacts import export_artifacts
 from xmr.models import build_model, make_config

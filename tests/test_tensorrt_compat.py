@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, save
 
 from xmr.errors import ExportError
 from xmr.export.graphs import GraphSpec, TensorSpec, graph_specs
-from xmr.calibration.dataset import CalibrationConfig, CalibrationSet
+from xmr.calibration.config import CalibrationConfig
+from xmr.calibration.dataset import CalibrationSet
 from xmr.calibration.fallback import Quantizer
 from xmr.export.graphs import GRAPHS, graph_modules
 from xmr.export.onnx_export import PARITY_CASES, example_inputs, export_model, graph_inputs

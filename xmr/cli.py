@@ -26,19 +26,14 @@ import typer
 from rich.table import Table
 from typer._click import exceptions as click_errors
 
-from xmr.calibration.dataset import METHODS, CalibrationConfig
-from xmr.calibration.report import REPORT
-from xmr.data import SynthConfig, Vocabulary, write_synthetic
+# Only what the options need is imported here (no torch, no onnx): ``xmr --help`` and a mistyped
+# option answer at once; each command imports the library it calls.
+from xmr.calibration.config import METHODS
+from xmr.data import DEFAULT_DATA
 from xmr.errors import XmrError
-from xmr.export.tensorrt import BuildOptions, ProfileShapes
-from xmr.models.authors import AUTHORS_STATES, convert_authors_checkpoint
-from xmr.models.config import IMRAM_MODES
+from xmr.models.config import IMRAM_MODES, SIZES
 from xmr.models.registry import cross_attention_models, list_models
 from xmr.progress import console
-from xmr.train import TrainConfig
-from xmr.train.defaults import (
-    DEFAULT_DATA, SIZES, artifact_directory, calibrate_model, evaluate_checkpoint, export_checkpoint, train_model,
-)
 
 app = typer.Typer(help="Fast inference runtime for cross-attention text-image retrieval (CAMP, IMRAM).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -59,7 +54,7 @@ def _choices(name: str, values: Sequence[str]) -> type[Enum]:
 # Choices come from the library: a newly registered model (or size, method) appears here by itself.
 ModelKind = _choices("ModelKind", list_models())  # every registered model (train)
 CrossAttentionModel = _choices("CrossAttentionModel", cross_attention_models())  # export, calibrate, serve-bench
-AuthorsModel = _choices("AuthorsModel", list(AUTHORS_STATES))  # import-checkpoint: the authors' code it reads
+AuthorsModel = _choices("AuthorsModel", cross_attention_models())  # import-checkpoint: the authors released both
 ImramMode = _choices("ImramMode", sorted(IMRAM_MODES, key=lambda m: m != "full"))  # the default first
 Size = _choices("Size", list(SIZES))
 CalibrationMethodName = _choices("CalibrationMethodName", METHODS)
@@ -124,6 +119,8 @@ def data_synth(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Write a synthetic dataset (train/dev/test) where cross-attention matters."""
+    from xmr.data import SynthConfig, Vocabulary, write_synthetic
+
     cfg = SynthConfig(n_train=n_train, n_dev=n_dev, n_test=n_test, regions=regions, objects=objects,
                       img_dim=img_dim, noise=noise, scale=scale, seed=seed)
     write_synthetic(out, cfg, Vocabulary.load(vocab) if vocab else None, overwrite=overwrite)
@@ -153,6 +150,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Train CAMP, IMRAM or the dual-encoder baseline; keeps the best dev-rsum checkpoint."""
+    from xmr.train import TrainConfig
+    from xmr.train.defaults import train_model
+
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, lr_update=lr_update,
                          grad_clip=grad_clip, warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps)
     run = train_model(model.value, data=data, out=out, vocab=vocab, size=size.value, embed_size=embed_size,
@@ -181,6 +181,8 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Recall@1/5/10 both ways, rsum, medr and meanr of a checkpoint on a split."""
+    from xmr.train.defaults import evaluate_checkpoint
+
     measured = evaluate_checkpoint(checkpoint, data=data, split=split, fold5=fold5, vocab=vocab, device=device,
                                    json_out=json_out, overwrite=overwrite)
     console.print(_report_table(f"{measured.kind} on {data}/{split}{' (5-fold 1K)' if fold5 else ''}",
@@ -196,6 +198,8 @@ def import_checkpoint(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Convert an authors' checkpoint to an xmr checkpoint (no authors' code, easydict or GPU needed)."""
+    from xmr.models.authors import convert_authors_checkpoint
+
     net = convert_authors_checkpoint(path, model.value, vocab=vocab, out=out, overwrite=overwrite)
     console.print(f"wrote {out}: {net.kind} {json.dumps(vars(net.config))}", highlight=False)
 
@@ -213,6 +217,8 @@ def _print_export(manifest: dict, out: Path) -> None:
 
 def _print_int8(manifest: dict, artifacts: Path) -> None:
     """The INT8 graphs of ``manifest`` and the accuracy report beside it."""
+    from xmr.calibration.report import REPORT
+
     for graph, entry in manifest["int8"]["nodes"].items():
         console.print(f"{graph:14} int8: {artifacts / manifest['graphs'][graph]['files']['int8']['file']}  "
                       f"{len(entry['quantized'])} matmuls in INT8, {len(entry['fallback'])} kept in float32")
@@ -253,6 +259,9 @@ def export_command(
 ) -> None:
     """Export a CAMP or IMRAM checkpoint to ONNX (image encoder, text encoder, pair scorer),
     check every graph against PyTorch, and build TensorRT engines where possible."""
+    from xmr.export.tensorrt import BuildOptions, ProfileShapes
+    from xmr.train.defaults import artifact_directory, export_checkpoint
+
     out = out or artifact_directory(model.value)
     profile = ProfileShapes.up_to(max_images, max_captions, max_length)
     build = BuildOptions.from_gib(workspace_gib, optimization_level)
@@ -289,6 +298,9 @@ def calibrate_command(
                                           help="Build INT8 TensorRT engines [default: when TensorRT and a GPU are present]."),
 ) -> None:
     """INT8 graphs (explicit Q/DQ) calibrated on real data, with an accuracy report against fp32/fp16."""
+    from xmr.calibration.config import CalibrationConfig
+    from xmr.train.defaults import artifact_directory, calibrate_model
+
     artifacts = artifacts or artifact_directory(model.value)
     config = CalibrationConfig(split=split, images=images, method=method.value, percentile=percentile, seed=seed)
     manifest = calibrate_model(model.value, artifacts=artifacts, checkpoint=checkpoint, data=data, config=config,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from xmr.calibration.calibrate import calibrate_artifacts
-from xmr.calibration.dataset import CalibrationConfig
+from xmr.calibration.config import CalibrationConfig
 from xmr.data import SynthConfig, Vocabulary, write_synthetic
 from xmr.data.synth import synthetic_words
 from xmr.export.artifacts import export_artifacts

@@ -22,7 +22,8 @@ from typing import Any
 import onnx
 
 from xmr.calibration.accuracy import mean_rank_agreement, meets_target
-from xmr.calibration.dataset import CalibrationConfig, build_calibration_set, check_split
+from xmr.calibration.config import CalibrationConfig
+from xmr.calibration.dataset import build_calibration_set, check_split
 from xmr.calibration.fallback import Evaluation, Quantizer, choose_fallback
 from xmr.calibration.quantize import quantized_nodes
 from xmr.calibration.report import precision_rows, write_report

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from xmr.calibration.accuracy import accuracy, mean_rank_agreement, meets_target
-from xmr.calibration.dataset import CalibrationConfig, CalibrationSet
+from xmr.calibration.config import CalibrationConfig
+from xmr.calibration.dataset import CalibrationSet
 from xmr.calibration.quantize import quantizable_nodes, quantize_graph
 from xmr.data.precomp import PrecompSplit
 from xmr.errors import CalibrationError

@@ -1,11 +1,11 @@
-"""Data: SCAN precomp splits, vocabularies, tokenisation and the synthetic dataset."""
+"""Data: SCAN precomp splits, vocabularies, tokenisation and the synthetic dataset.
+Names load on first use, so the vocabulary and the synthetic set come without torch."""
 
-from xmr.data.precomp import SPLITS, PrecompSplit, find_vocab, load_split
-from xmr.data.synth import SynthConfig, write_synthetic
-from xmr.data.tokenize import encode_caption, encode_captions, pad_token_ids, tokenize
-from xmr.data.vocab import Vocabulary
+import lazy_loader
 
-__all__ = [
-    "SPLITS", "PrecompSplit", "SynthConfig", "Vocabulary", "encode_caption", "encode_captions",
-    "find_vocab", "load_split", "pad_token_ids", "tokenize", "write_synthetic",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "precomp": ["SPLITS", "PrecompSplit", "find_vocab", "load_split"],
+    "synth": ["DEFAULT_DATA", "SynthConfig", "write_synthetic"],
+    "tokenize": ["encode_caption", "encode_captions", "pad_token_ids", "tokenize"],
+    "vocab": ["Vocabulary"],
+})

@@ -29,6 +29,7 @@ from xmr.data.vocab import Vocabulary
 from xmr.errors import ConfigError, OutputError, VocabError
 from xmr.outputs import check_output_dir, keep_foreign, staged_directory
 
+DEFAULT_DATA = Path("data/synth")  # where `xmr data synth` writes and every command reads by default
 NOUNS = (
     "dog cat car horse bird boat truck bus umbrella bag guitar bench bicycle table lamp "
     "cup box flower sign book phone bottle balloon shirt jacket skateboard surfboard frisbee tent train"

@@ -2,17 +2,14 @@
 
 ``encode_images(features) -> [Ni, R, D]``, ``encode_texts(ids, lengths) -> [Nt, L, D]``,
 ``score(img_emb, cap_emb, lengths) -> [Ni, Nt]``, ``similarity(features, ids, lengths)``.
+Names load on first use, so the configs and the registry come without torch.
 """
 
-from xmr.models.base import RetrievalModel
-from xmr.models.camp import Camp
-from xmr.models.checkpoint import load_checkpoint, save_checkpoint
-from xmr.models.config import CampConfig, DualEncoderConfig, ImramConfig, ModelConfig
-from xmr.models.dual import DualEncoder
-from xmr.models.imram import Imram
-from xmr.models.registry import build_model, cross_attention_models, list_models, make_config
+import lazy_loader
 
-__all__ = [
-    "Camp", "CampConfig", "DualEncoder", "DualEncoderConfig", "Imram", "ImramConfig", "ModelConfig",
-    "RetrievalModel", "build_model", "cross_attention_models", "list_models", "load_checkpoint", "make_config", "save_checkpoint",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "base": ["RetrievalModel"], "camp": ["Camp"], "imram": ["Imram"], "dual": ["DualEncoder"],
+    "config": ["CampConfig", "DualEncoderConfig", "ImramConfig", "ModelConfig"],
+    "registry": ["build_model", "cross_attention_models", "list_models", "make_config"],
+    "checkpoint": ["load_checkpoint", "save_checkpoint"],
+})

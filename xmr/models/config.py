@@ -9,6 +9,8 @@ from xmr.config import check_bool, check_choice, check_float, check_int, check_m
 
 IMRAM_MODES = ("text", "image", "full")
 MAX_STEPS = 100  # IMRAM matching steps; the paper uses 1-3
+# Model sizes: "small" trains on the synthetic set in minutes on a CPU; "paper" is the released size.
+SIZES = {"small": {"embed_size": 64, "word_dim": 64}, "paper": {"embed_size": 1024, "word_dim": 300}}
 
 
 @dataclass

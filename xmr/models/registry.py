@@ -1,22 +1,24 @@
-"""Model kinds by name."""
+"""Model kinds by name. The model classes (torch) load when a model is built, so listing
+the kinds and reading their configs costs nothing."""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from xmr.config import config_from_dict
-from xmr.data.vocab import Vocabulary
 from xmr.errors import ConfigError
-from xmr.models.base import RetrievalModel
-from xmr.models.camp import Camp
 from xmr.models.config import CampConfig, DualEncoderConfig, ImramConfig, ModelConfig
-from xmr.models.dual import DualEncoder
-from xmr.models.imram import Imram
 
-MODELS: dict[str, tuple[type[ModelConfig], type[RetrievalModel]]] = {
-    "camp": (CampConfig, Camp),
-    "imram": (ImramConfig, Imram),
-    "dual": (DualEncoderConfig, DualEncoder),
+if TYPE_CHECKING:
+    from xmr.data.vocab import Vocabulary
+    from xmr.models.base import RetrievalModel
+
+# kind -> (config class, the model class as "module.Class" in this package)
+MODELS: dict[str, tuple[type[ModelConfig], str]] = {
+    "camp": (CampConfig, "camp.Camp"),
+    "imram": (ImramConfig, "imram.Imram"),
+    "dual": (DualEncoderConfig, "dual.DualEncoder"),
 }
 
 
@@ -42,4 +44,5 @@ def make_config(kind: str, **fields: Any) -> ModelConfig:
 
 def build_model(config: ModelConfig, vocab: Vocabulary | None = None) -> RetrievalModel:
     """A freshly initialised model for ``config`` (its kind comes from the config class)."""
-    return MODELS[config.KIND][1](config, vocab)
+    module, _, name = MODELS[config.KIND][1].partition(".")
+    return getattr(importlib.import_module(f"xmr.models.{module}"), name)(config, vocab)

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from xmr.calibration.calibrate import DEFAULT_TARGET, calibrate_artifacts
-from xmr.calibration.dataset import CalibrationConfig
+from xmr.calibration.config import CalibrationConfig
 from xmr.config import save_json
-from xmr.data import SynthConfig, Vocabulary, find_vocab, load_split, write_synthetic
+from xmr.data import DEFAULT_DATA, SynthConfig, Vocabulary, find_vocab, load_split, write_synthetic
 from xmr.errors import CheckpointError, ConfigError, ExportError, MissingFileError
 from xmr.eval import EVAL_FORMAT, EvalResult, evaluate, is_eval_json
 from xmr.export.artifacts import check_export_options, export_artifacts, is_artifact_directory
@@ -33,15 +33,13 @@ from xmr.export.manifest import MANIFEST
 from xmr.export.onnx_export import OPSET
 from xmr.export.tensorrt import BuildOptions, ProfileShapes
 from xmr.models import build_model, load_checkpoint, make_config
+from xmr.models.config import SIZES
 from xmr.models.registry import config_class
 from xmr.outputs import check_output_dir, check_output_file
 from xmr.progress import console
 from xmr.train.trainer import BEST, TrainConfig, is_run_directory, train
 
-DEFAULT_DATA = Path("data/synth")  # where `xmr data synth` writes and every command reads by default
 PRECISIONS = ("fp32", "fp16", "int8")
-# Model sizes: "small" trains on the synthetic set in minutes on a CPU; "paper" is the released size.
-SIZES = {"small": {"embed_size": 64, "word_dim": 64}, "paper": {"embed_size": 1024, "word_dim": 300}}
 
 
 def run_directory(model: str) -> Path:
