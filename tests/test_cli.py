@@ -138,6 +138,24 @@ def test_ensure_checkpoint_and_artifacts_make_only_what_is_missing(tmp_path, mon
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["source_checkpoint"]["sha256"] == _sha256(checkpoint)
 
 
+def test_training_twice_with_one_seed_gives_the_same_checkpoint(tmp_path):
+    """``--seed`` decides the whole run, the initial weights included; another seed, other weights."""
+    import torch
+
+    from xmr.data import SynthConfig, write_synthetic
+    from xmr.train import TrainConfig
+    from xmr.train.defaults import train_model
+
+    data = write_synthetic(tmp_path / "data", SynthConfig(**TINY_SYNTH, seed=3))
+    weights = []
+    for run, seed in (("a", 5), ("b", 5), ("c", 6)):
+        config = TrainConfig(epochs=1, warmup_epochs=1, batch_size=16, max_steps=2, seed=seed)
+        trained = train_model("imram", data, tmp_path / run, **TINY_TRAIN, config=config, show_progress=False)
+        weights.append(torch.load(trained.checkpoint, weights_only=True)["state_dict"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
 def test_ensure_checkpoint_trains_on_given_data_into_given_run(tmp_path):
     from xmr.data import SynthConfig, write_synthetic
     from xmr.train import TrainConfig

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
 from xmr.calibration.calibrate import DEFAULT_TARGET, calibrate_artifacts
 from xmr.calibration.config import CalibrationConfig
 from xmr.config import save_json
@@ -81,6 +83,7 @@ def train_model(model: str, data: Path = DEFAULT_DATA, out: Optional[Path] = Non
     dims = {**SIZES[size], **({"embed_size": embed_size} if embed_size is not None else {}),
             **({"word_dim": word_dim} if word_dim is not None else {})}
     extra = {"mode": mode, "steps": steps} if model == "imram" else {}
+    torch.manual_seed(config.seed)  # the seed decides the initial weights too: the same options, the same run
     net = build_model(make_config(model, vocab_size=len(vocabulary), img_dim=train_split.img_dim, **dims, **extra),
                       vocabulary)
     log = train(net, train_split, dev_split, config, out, show_progress=show_progress, overwrite=overwrite)
