@@ -47,8 +47,12 @@ class Hardware:
 
 def _cpuinfo() -> dict[str, str]:
     path = Path("/proc/cpuinfo")
-    pairs = [line.partition(":") for line in (path.read_text().splitlines() if path.is_file() else [])]
-    return {key.strip(): value.strip() for key, _, value in reversed(pairs)}  # reversed: the first value wins
+    info: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's value
+    return info
 
 
 def cpu_hardware() -> Hardware:

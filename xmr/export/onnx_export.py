@@ -62,8 +62,14 @@ def graph_inputs(modules: dict[str, torch.nn.Module], spec: dict[str, GraphSpec]
 
 def forbidden_ops(graph: onnx.GraphProto) -> set[str]:
     """Control-flow and sequence ops anywhere in ``graph``, subgraphs included."""
-    subgraphs = [a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-    return ({node.op_type for node in graph.node} & FORBIDDEN_OPS).union(*map(forbidden_ops, subgraphs))
+    found = set()
+    for node in graph.node:
+        if node.op_type in FORBIDDEN_OPS:
+            found.add(node.op_type)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                found |= forbidden_ops(attribute.g)
+    return found
 
 
 def separate_outputs(model: onnx.ModelProto) -> onnx.ModelProto:

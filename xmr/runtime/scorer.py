@@ -85,7 +85,9 @@ class Scorer:
             raise InputError(f"a Scorer needs a Backend (Scorer.load builds one from artifacts), got "
                              f"{type(backend).__name__}")
         self.artifacts = artifacts = backend.artifacts
-        self._backend, self.vocab, self.truncate, self.bucketed = backend, artifacts.vocab, truncate, bucketed
+        self._backend = backend
+        self.vocab = artifacts.vocab
+        self.truncate, self.bucketed = truncate, bucketed
         self.max_length = caption_cap(max_length, backend.limits.length)
         element_bytes = 2 if backend.precision == "fp16" else 4
         self.block_budget = default_budget(backend.device, element_bytes) if block_budget is None else block_budget
