@@ -61,6 +61,15 @@ def test_export_only_fp32_when_asked(trained, tmp_path):
     assert not list(tmp_path.glob("*.fp16.onnx")) and (tmp_path / "pair_scorer.onnx").is_file()
 
 
+def test_export_bf16_when_asked_records_it_in_the_manifest(trained, tmp_path):
+    result = invoke("export", "-m", "imram", "--checkpoint", trained, "-o", tmp_path, "--precision", "fp32,bf16",
+                    "--no-engine")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(manifest["graphs"]["pair_scorer"]["files"]) == ["bf16", "fp32"]
+    assert (tmp_path / "pair_scorer.bf16.onnx").is_file() and not list(tmp_path.glob("*.fp16.onnx"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "camp"], "holds a imram model, not camp"),
     (["--model", "imram", "--engine"], "cannot build TensorRT engines"),
@@ -104,3 +113,26 @@ def test_engines_are_built_and_recorded_when_tensorrt_and_a_gpu_are_there(traine
         for entry in files.values():
             assert (tmp_path / entry["file"]).stat().st_size > 1000 and entry["sha256"] == sha256(tmp_path / entry["file"])
     assert json.loads((tmp_path / "manifest.json").read_text())["engines"] == engines
+
+
+def test_bf16_engines_are_skipped_with_the_reason_before_compute_capability_8(tmp_path, monkeypatch):
+    """An older GPU gets its fp32 engines; bf16 is left out and says why, the export goes on."""
+    import types
+
+    import torch
+
+    import xmr.export.artifacts as artifacts
+    from xmr.export.tensorrt import BuildOptions, ProfileShapes
+
+    built = []
+    monkeypatch.setattr(artifacts, "load_tensorrt", lambda name: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(artifacts, "build_engine", lambda trt, path, *args: built.append(path.name) or b"engine")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "old GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (7, 5))
+    specs = dict.fromkeys(artifacts.GRAPHS)  # read by build_engine only
+    engines = artifacts.build_engines(tmp_path, specs, ("fp32", "bf16"), ProfileShapes(), BuildOptions(), required=True)
+    assert built == ["image_encoder.onnx", "text_encoder.onnx", "pair_scorer.onnx"]
+    assert {graph: set(files) for graph, files in engines["files"].items()} == {
+        "image_encoder": {"fp32"}, "text_encoder": {"fp32"}, "pair_scorer": {"fp32"}}
+    assert engines["skipped"] == {"bf16": "bf16 engines need compute capability >= 8.0, this GPU has 7.5"}

@@ -21,7 +21,8 @@ from xmr.errors import CalibrationError
 from xmr.eval.metrics import rank_agreement, recall_report, spearman_rows
 from xmr.calibration.fallback import graph_scorer
 from xmr.eval import split_scores
-from xmr.runtime import OnnxRuntimeBackend
+from xmr.runtime import OnnxRuntimeBackend, Scorer
+from xmr.runtime.backends import OpenVINOBackend
 from xmr.runtime.artifacts import Artifacts
 from xmr.export.artifacts import export_artifacts
 from xmr.export.graphs import GRAPHS
@@ -116,7 +117,7 @@ def test_int8_graphs_run_in_onnx_runtime_and_the_report_figures_are_what_they_cl
     manifest = manifest_of(calibrated)
     report = json.loads((calibrated / "int8_report.json").read_text())
     assert (calibrated / "int8_report.md").read_text().count("| int8 |") == 1
-    assert list(report["rows"]) == ["fp32", "fp16", "int8"] and report["split"] == "test"
+    assert list(report["rows"]) == ["fp32", "fp16", "bf16", "int8"] and report["split"] == "test"
     split = load_split(data, "test", Vocabulary.load(calibrated / "vocab.json"))
     paths = {p: {g: calibrated / manifest["graphs"][g]["files"][p]["file"] for g in GRAPHS} for p in ("fp32", "int8")}
     scores = {p: split_scores(graph_scorer(Artifacts.open(calibrated), paths[p], p), split) for p in paths}
@@ -128,6 +129,11 @@ def test_int8_graphs_run_in_onnx_runtime_and_the_report_figures_are_what_they_cl
     assert int8["t2i_spearman_mean"] == pytest.approx(rank_agreement(scores["fp32"], scores["int8"])["t2i_spearman_mean"])
     assert int8["t2i_spearman_min"] <= int8["t2i_spearman_mean"] < 1.0
     assert report["rows"]["fp32"]["delta_rsum"] == 0 and report["rows"]["fp32"]["i2t_spearman_min"] == pytest.approx(1.0)
+    with Scorer(OpenVINOBackend(Artifacts.open(calibrated), "bf16", "cpu")) as bf16:  # the CPU's bf16 path
+        bf16_scores = split_scores(bf16, split)
+    assert report["rows"]["bf16"]["max_abs_score_error"] == pytest.approx(np.abs(bf16_scores - scores["fp32"]).max(),
+                                                                          rel=1e-5)
+    assert 0 < report["rows"]["bf16"]["mean_abs_score_error"] < 0.05
 
 
 def test_calibration_uses_matching_and_non_matching_pairs_of_every_length_and_is_cached(calibrated, data):

@@ -23,12 +23,12 @@ PACKAGE = ROOT / "xmr"
 # Lowest first; a module may import its own layer and any layer before it. "base": the
 # top-level modules anyone may import.
 LAYERS = ["base", "data", "models", "export", "runtime", "eval", "calibration", "train", "benchmark", "cli"]
-BASE = {"xmr", "xmr.errors", "xmr.config", "xmr.paths", "xmr.outputs", "xmr.progress", "xmr.device"}
+BASE = {"xmr", "xmr.errors", "xmr.config", "xmr.paths", "xmr.outputs", "xmr.progress", "xmr.device", "xmr.cpu"}
 
 # What serving does not need: none of it may be loaded by ``import xmr.runtime``.
 NOT_FOR_SERVING = ["onnx", "onnxruntime.quantization", "matplotlib", "xmr.train", "xmr.calibration", "xmr.eval",
                    "xmr.benchmark", "xmr.cli", "xmr.export.artifacts", "xmr.export.onnx_export"]
-BACKEND_LIBRARIES = ["onnxruntime", "tensorrt", "tensorrt_rtx"]  # only once that backend is created
+BACKEND_LIBRARIES = ["onnxruntime", "openvino", "tensorrt", "tensorrt_rtx"]  # only once that backend is created
 
 
 def module_name(path: Path) -> str:
@@ -155,3 +155,9 @@ def test_an_onnxruntime_scorer_loads_onnxruntime_and_still_no_onnx(artifacts):
     pytest.importorskip("onnxruntime")
     code = "import sys\nfrom xmr.runtime import Scorer\nScorer.load(sys.argv[1], backend='onnxruntime', device='cpu')"
     assert loaded_after(code, str(artifacts)) == {"not for serving": [], "backend libraries": ["onnxruntime"]}
+
+
+def test_an_openvino_scorer_loads_openvino_and_onnxruntime_for_its_text_encoder(artifacts):
+    pytest.importorskip("openvino")
+    code = "import sys\nfrom xmr.runtime import Scorer\nScorer.load(sys.argv[1], backend='openvino', device='cpu')"
+    assert loaded_after(code, str(artifacts)) == {"not for serving": [], "backend libraries": ["onnxruntime", "openvino"]}

@@ -27,10 +27,14 @@ from xmr.runtime import (
     BatchedScorer, BatcherClosedError, BatcherConfig, Gallery, ImageGallery, InputWarning, QueueFullError, Scorer,
     TextGallery, TorchBackend,
 )
+from xmr.cpu import CpuFeatures
+from xmr.runtime import backends
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.schedule import Limits, plan_blocks
 
 REGIONS, IMG_DIM = 6, 8
+AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512_vnni"})  # CPU flags of an Ice Lake-class Xeon
+AMX = AVX512 | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}  # Sapphire Rapids and later
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +85,10 @@ def reference_scores(artifacts, split):
         return model.similarity(split.image_batch(range(split.n_images)), ids, lengths).numpy()
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_fp32_scores_match_the_pytorch_model_on_every_cpu_backend(artifacts, test_split, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     with Scorer.load(artifacts, backend=backend, device="cpu") as scorer:
         assert (scorer.backend, scorer.precision, scorer.device) == (backend, "fp32", "cpu")
         scores = scorer.score(test_split.features, test_split.captions)
@@ -91,12 +97,16 @@ def test_fp32_scores_match_the_pytorch_model_on_every_cpu_backend(artifacts, tes
     np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=0)
 
 
-def test_auto_takes_onnxruntime_on_a_cpu_machine_and_says_so(artifacts, caplog):
+def test_auto_takes_the_cpu_backend_its_features_call_fastest_and_says_so(artifacts, caplog, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("auto prefers GPU backends on this machine")
-    with caplog.at_level(logging.INFO, logger="xmr.runtime"), Scorer.load(artifacts) as scorer:
-        assert (scorer.backend, scorer.device) == ("onnxruntime", "cpu")
-    assert "onnxruntime fp32 (cpu" in caplog.text
+    pytest.importorskip("openvino")
+    for flags, expected in ((AMX, "openvino"), (AVX512, "onnxruntime")):
+        monkeypatch.setattr(backends, "cpu_features", lambda flags=flags: CpuFeatures("test CPU", flags, 2600.0))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="xmr.runtime"), Scorer.load(artifacts) as scorer:
+            assert (scorer.backend, scorer.device) == (expected, "cpu")
+        assert f"{expected} fp32 (cpu" in caplog.text
 
 
 def test_fp16_graphs_stay_within_the_export_tolerance(artifacts, test_split):

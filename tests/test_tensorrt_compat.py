@@ -1,4 +1,4 @@
-"""Every exported graph (fp32, fp16 and INT8 Q/DQ) parses and builds with the TensorRT builder code users run.
+"""Every exported graph (fp32, fp16, bf16 and INT8 Q/DQ) parses and builds with the TensorRT builder code users run.
 
 On machines without TensorRT and a GPU this uses TensorRT for RTX, which builds engines ahead
 of time for a chosen compute capability (SM80 and SM89 here). Engines are not executed here,
@@ -29,7 +29,7 @@ def exported(request, tmp_path_factory):
     kind, fields = request.param
     model = tiny_model(kind, **fields)
     out = tmp_path_factory.mktemp(kind)
-    export_model(model, out, regions=5, precisions=("fp16",))
+    export_model(model, out, regions=5, precisions=("fp16", "bf16"))
     specs = graph_specs(model, 5)
     cases = [graph_inputs(graph_modules(model), specs, example_inputs(model, 5, case, seed=i))
              for i, case in enumerate(PARITY_CASES)]
@@ -59,6 +59,12 @@ def test_fp32_graphs_build_for_each_target(exported, graph):
 def test_fp16_graphs_build_for_each_target(exported, graph):
     out, specs = exported
     _build_every_target(out, specs[graph], graph, "fp16")
+
+
+@pytest.mark.parametrize("graph", ["image_encoder", "text_encoder", "pair_scorer"])
+def test_bf16_graphs_build_for_each_target(exported, graph):
+    out, specs = exported
+    _build_every_target(out, specs[graph], graph, "bf16")
 
 
 @pytest.mark.parametrize("graph", ["image_encoder", "text_encoder", "pair_scorer"])

@@ -243,8 +243,10 @@ def export_command(
     checkpoint: Optional[Path] = typer.Option(None, help="xmr checkpoint [default: runs/MODEL/checkpoint.pt, "
                                                           "trained on the synthetic data first if missing]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory [default: artifacts/MODEL]."),
-    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16, int8 (fp32 is always "
-                                                    "written; int8 runs `xmr calibrate` with its defaults)."),
+    precision: str = typer.Option("fp32,fp16", help="Comma-separated precisions: fp32, fp16, bf16, int8 (fp32 is "
+                                                    "always written; bf16 is validated with OpenVINO and builds "
+                                                    "TensorRT engines on SM80+ only; int8 runs `xmr calibrate` with "
+                                                    "its defaults)."),
     data: Path = typer.Option(DEFAULT_DATA, help="Precomp data for int8 calibration."),
     engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
                                           help="Build TensorRT engines [default: when TensorRT and a GPU are present]."),

@@ -158,11 +158,13 @@ def _record(latencies: list[float], lock: threading.Lock, latency: float) -> Non
 def run_online(front: BatchedScorer, workloads: list[Workload], config: OnlineConfig,
                advance: Callable[[str], None] = lambda label: None) -> list[dict[str, Any]]:
     """Closed-loop sweep over clients, open-loop sweep over rates (fractions of the closed
-    loop's best QPS), and a max_queue_delay_ms sweep at the most clients, per workload."""
+    loop's best QPS), and a max_queue_delay_ms sweep at the most clients, per workload, each
+    after one untimed request (the first launch against a gallery allocates)."""
     base = BatcherConfig(config.max_batch, config.delays_ms[0], config.max_queue)  # delays_ms: never empty
     results = []
     for workload in workloads:
         front.config = base
+        front.submit(workload.queries[0], workload.gallery, config.k).result()
         closed = []
         for clients in config.clients:
             advance(f"{workload.name}: {clients} clients")

@@ -19,33 +19,57 @@ def _gib(value: int | None) -> str:
     return "–" if not value else f"{value / 2**30:.1f}"
 
 
+def _rate_with_spread(timing: dict[str, Any]) -> str:
+    """A median rate with its repeats' range, e.g. "121 (115-130)"."""
+    low = _num(timing["pairs_per_second_min"])
+    high = _num(timing["pairs_per_second_max"])
+    return f"{_num(timing['pairs_per_second'])} ({low}-{high})"
+
+
+def _peak_lines(rows: list[dict[str, Any]], hardware: dict[str, Any]) -> list[str]:
+    """One caption line per peak the rows were measured against: its figure and where it comes from."""
+    lines = []
+    for precision in dict.fromkeys(r["peak_precision"] for r in rows):
+        peak = hardware["peak_flops"].get(precision)
+        unit = "TOP/s" if precision == "int8" else "TFLOP/s"
+        lines.append(f"{precision} peak {_num(peak, ',.2f', f' {unit}', 1e-12)}: {hardware['peak_sources'][precision]}")
+    return lines
+
+
 def offline_table(report: dict[str, Any]) -> Table:
     matrix, hw = report["matrix"], report["hardware"]
     table = Table(title=f"Offline: {matrix['images']:,} x {matrix['captions']:,} = {matrix['pairs']:,} pairs, "
                         f"{report['model']}, {hw['name']} ({hw['kind']})")
     for column in ("backend", "precision", "pairs/s", "total s", "encode s", "vs authors", "vs torch fp32",
-                   "% of peak", "rsum", "Δ rsum", "rank ρ", "peak GiB"):
-        table.add_column(column, justify="right")
+                   "% of peak", "units", "rsum", "Δ rsum", "rank ρ", "peak GiB"):
+        table.add_column(column, justify="left" if column == "units" else "right",
+                         no_wrap=column in ("pairs/s", "units"))  # "121 (115-130)", "AVX-512 VNNI": one line each
     authors = report["offline"]["authors"]
-    table.add_row(authors["backend"], "fp32", _num(authors["pairs_per_second"]), _num(authors["score_seconds"]) + "*",
-                  "–", "1.00x", "–", _num(authors.get("fraction_of_peak"), ".1f", scale=100), "–", "–", "–",
-                  _gib(authors["peak_process_bytes"]))
+    table.add_row(authors["backend"], "fp32", _rate_with_spread(authors), _num(authors["score_seconds"]) + "*",
+                  "–", "1.00x", "–", _num(authors["fraction_of_peak"], ".1f", scale=100), authors["peak_unit"] or "–",
+                  "–", "–", "–", _gib(authors["peak_process_bytes"]))
     skipped = []
+    measured = [authors]
     for row in report["offline"]["rows"]:
         if "skipped" in row:
             skipped.append(f"{row['backend']} {row['precision']}: {row['skipped']}")
-            table.add_row(row["backend"], row["precision"], f"skipped ({len(skipped)})", *[""] * 9)
+            table.add_row(row["backend"], row["precision"], f"skipped ({len(skipped)})", *[""] * 10)
             continue
+        measured.append(row)
         acc = row["accuracy"]
         table.add_row(row["backend"], row["precision"], _num(row["pairs_per_second"]),
                       _num(row["total_seconds"]) + ("*" if row["extrapolated"] else ""), _num(row["encode_seconds"], ".1f"),
                       _num(row["speedup_vs_authors"], ".1f", "x"), _num(row["speedup_vs_torch_fp32"], ".2f", "x"),
-                      _num(row["fraction_of_peak"], ".1f", scale=100), _num(acc["rsum"], ".1f"),
+                      _num(row["fraction_of_peak"], ".1f", scale=100), row["peak_unit"] or "–", _num(acc["rsum"], ".1f"),
                       _num(acc["delta_rsum"], "+.1f"), _num(acc["rank_agreement"], ".4f"),
                       _gib(row["peak_gpu_bytes"] or row["peak_process_bytes"]))
     table.caption = "\n".join([
         "* extrapolated from the pairs timed. rsum on the test split "
         f"({report['offline']['accuracy_split']['images']} images), Δ and rank ρ against PyTorch fp32.",
+        f"authors' loop: median of {authors['repeats']} repeats (their range), spread "
+        f"{_num(authors['pairs_per_second_spread'], '.0f', '%', 100)}; vs authors: over the median.",
+        "% of peak: of the peak of the units each row runs on:",
+        *_peak_lines(measured, hw),
         *(f"({i}) {reason}" for i, reason in enumerate(skipped, 1))])
     return table
 

@@ -3,8 +3,8 @@ it builds when none are given.
 
 Without a checkpoint the benchmark builds its own: random seeded weights at the released
 sizes (D = 1024, R = 36 regions of 2048-d features, word_dim 300, the Flickr30K vocabulary's
-size), exported to fp32/fp16 and calibrated to int8 on synthetic data of the same shape, so
-every figure is at real cost. Caption lengths follow Flickr30K's (about 12.3 words, sd 5).
+size), exported to fp32/fp16/bf16 (bf16: for TensorRT engines on a GPU) and calibrated to
+int8 on synthetic data of the same shape, so every figure is at real cost. Caption lengths follow Flickr30K's (about 12.3 words, sd 5).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def accuracy_data(root: Path, regions: int, img_dim: int, test_images: int) -> P
 
 
 def build_default_artifacts(model: str, root: Path, test_images: int, show_progress: bool = True) -> tuple[Path, Path]:
-    """``root/<model>``: random seeded released-size weights, exported (fp32, fp16) and
+    """``root/<model>``: random seeded released-size weights, exported (fp32, fp16, bf16) and
     calibrated (int8); and the synthetic data beside them. Reused when present."""
     data = accuracy_data(root, RELEASED_REGIONS, RELEASED["img_dim"], test_images)
     artifacts = root / model
@@ -80,7 +80,7 @@ def build_default_artifacts(model: str, root: Path, test_images: int, show_progr
         net = build_model(make_config(model, vocab_size=len(vocab), **RELEASED), vocab)
         checkpoint = save_checkpoint(net, root / f"{model}-random.pt", {"regions": RELEASED_REGIONS,
                                                                          "weights": "random, seed 0"})
-        export_artifacts(checkpoint, artifacts, ("fp32", "fp16"), engine=None)
+        export_artifacts(checkpoint, artifacts, ("fp32", "fp16", "bf16"), engine=None)
     if "int8" not in read_manifest(artifacts)["graphs"]["pair_scorer"]["files"]:
         calibrate_artifacts(artifacts, data, CalibrationConfig(images=16, image_batch=8, caption_batch=40, pair_images=4),
                             accuracy_target=0.5, eval_images=16, report_split=None, show_progress=show_progress)

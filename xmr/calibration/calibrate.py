@@ -26,7 +26,7 @@ from xmr.calibration.config import CalibrationConfig
 from xmr.calibration.dataset import build_calibration_set, check_split
 from xmr.calibration.fallback import Evaluation, Quantizer, choose_fallback
 from xmr.calibration.quantize import quantized_nodes
-from xmr.calibration.report import precision_rows, write_report
+from xmr.calibration.report import bf16_variant, graph_variant, precision_rows, write_report
 from xmr.data import Vocabulary, load_split
 from xmr.errors import CalibrationError
 from xmr.eval.evaluate import split_scores
@@ -142,10 +142,13 @@ def _int8_section(config, calibration, result, final, target, eval_split, eval_i
 
 def _report(artifacts, variants, final, result, quantizer, work, int8, split, split_name, target,
             show_progress) -> dict:
-    variants = {**variants, "int8": final}
+    variants = {name: graph_variant(artifacts, paths, name) for name, paths in variants.items()}
+    if (bf16 := bf16_variant(artifacts)) is not None:
+        variants["bf16"] = bf16
+    variants["int8"] = graph_variant(artifacts, final, "int8")
     if result.exclude:
-        variants["int8 (no fallback)"] = quantizer.build(work / "candidates" / "full")
-    rows = precision_rows(artifacts, variants, split, show_progress)
+        variants["int8 (no fallback)"] = graph_variant(artifacts, quantizer.build(work / "candidates" / "full"), "int8")
+    rows = precision_rows(variants, split, show_progress)
     chosen = rows["int8"]
     verdict = (f"INT8 {'meets' if meets_target(chosen, target) else 'MISSES'} the target on {split_name}: rsum "
                f"{chosen['rsum']:.1f} vs fp32 {rows['fp32']['rsum']:.1f} ({100 * chosen['delta_rsum'] / rows['fp32']['rsum']:+.2f}%), "

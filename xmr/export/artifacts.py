@@ -22,7 +22,7 @@ from typing import Any
 from xmr.config import config_to_dict
 from xmr.errors import ArtifactError, ExportError
 from xmr.export.graphs import GRAPHS, graph_specs
-from xmr.export.manifest import FORMAT, MANIFEST, MANIFEST_VERSION, listed_files, read_manifest
+from xmr.export.manifest import FORMAT, MANIFEST, MANIFEST_VERSION, OPENVINO_CACHE, listed_files, read_manifest
 from xmr.export.onnx_export import OPSET, TOLERANCES, export_model
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt, tensorrt_unavailable
@@ -35,7 +35,8 @@ DEFAULT_REGIONS = 36  # bottom-up features; checkpoints trained by xmr record th
 MAX_REGIONS = 1024  # bottom-up features have 10..100 regions; more is a mistake that would exhaust memory
 MIN_OPSET, MAX_OPSET = 17, 20  # LayerNormalization-era opsets that onnx, ONNX Runtime and TensorRT all read
 TIMING_CACHE = "timing.cache"  # TensorRT builder timings, kept across re-exports
-EXPORT_TOOLS = ("xmr", "torch", "onnx", "onnxruntime", "onnxconverter-common")
+EXPORT_TOOLS = ("xmr", "torch", "onnx", "onnxruntime", "onnxconverter-common", "ml_dtypes", "openvino")
+BF16_MIN_CAPABILITY = (8, 0)  # TensorRT runs bfloat16 from Ampere on
 
 
 def tool_versions(packages: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
@@ -51,7 +52,9 @@ def tool_versions(packages: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
 
 def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profile: ProfileShapes,
                   options: BuildOptions, required: bool) -> dict[str, Any]:
-    """Build TensorRT engines on this machine's GPU, or say why not (an error if ``required``)."""
+    """Build TensorRT engines on this machine's GPU, or say why not (an error if ``required``).
+    A precision this GPU cannot run (bf16 before compute capability 8.0) is left out, the
+    reason under ``skipped``."""
     import torch
 
     trt = load_tensorrt("tensorrt")
@@ -59,16 +62,19 @@ def build_engines(out_dir: Path, specs: dict, precisions: tuple[str, ...], profi
         if required:
             raise ExportError(f"cannot build TensorRT engines: {reason}")
         return {"built": False, "reason": reason}
+    major, minor = torch.cuda.get_device_capability()
+    skipped = {}
+    if "bf16" in precisions and (major, minor) < BF16_MIN_CAPABILITY:
+        skipped["bf16"] = f"bf16 engines need compute capability >= 8.0, this GPU has {major}.{minor}"
     files = {}
     for name in GRAPHS:
-        for precision in precisions:
+        for precision in (p for p in precisions if p not in skipped):
             path = graph_path(out_dir, name, precision).with_suffix(".engine")
             path.write_bytes(build_engine(trt, graph_path(out_dir, name, precision), specs[name], profile, options))
             files.setdefault(name, {})[precision] = {"file": path.name, "sha256": file_sha256(path)}
-    major, minor = torch.cuda.get_device_capability()
-    return {"built": True, "files": files, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
-            "compute_capability": f"{major}.{minor}", "workspace_bytes": options.workspace_bytes,
-            "builder_optimization_level": options.optimization_level,
+    return {"built": True, "files": files, "skipped": skipped, "tensorrt": trt.__version__,
+            "gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
+            "workspace_bytes": options.workspace_bytes, "builder_optimization_level": options.optimization_level,
             "timing_cache": options.timing_cache.name if options.timing_cache else None}
 
 
@@ -145,7 +151,8 @@ def _export_into(model, checkpoint: Path, out_dir: Path, regions: int, precision
     }
 
 
-ARTIFACT_EXTRAS = ("calibration", "int8_report.json", "int8_report.md")  # written by ``xmr calibrate``
+# written by ``xmr calibrate``, and by the runtime's openvino backend (re-export drops its cache)
+ARTIFACT_EXTRAS = ("calibration", "int8_report.json", "int8_report.md", OPENVINO_CACHE)
 
 
 def is_artifact_directory(directory: Path) -> bool:

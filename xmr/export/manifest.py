@@ -18,6 +18,7 @@ from xmr.paths import inside, require
 MANIFEST = "manifest.json"
 FORMAT = "xmr-artifacts"
 MANIFEST_VERSION = 1
+OPENVINO_CACHE = "openvino-cache"  # the runtime's compiled OpenVINO models, inside the artifact directory
 
 
 def read_manifest(artifacts: Path) -> dict[str, Any]:

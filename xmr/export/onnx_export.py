@@ -1,16 +1,21 @@
 """Export the three graphs to ONNX and prove each one against the PyTorch model.
 
 Every export is checked before it is kept: ``onnx.checker`` (full check, with shape
-inference), no control-flow or sequence ops anywhere (IMRAM's steps are unrolled), and ONNX
-Runtime (CPU) against PyTorch on inputs with real shapes; a failed check raises
-``ExportError`` with the numbers and leaves no graph behind.
+inference), no control-flow or sequence ops anywhere (IMRAM's steps are unrolled), and a CPU
+runtime against PyTorch on inputs with real shapes: ONNX Runtime, or OpenVINO for bf16
+(ONNX Runtime's CPU provider has no bfloat16 kernels). A failed check raises ``ExportError``
+with the numbers and leaves no graph behind.
 """
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,11 +23,15 @@ import torch
 
 from xmr.errors import ExportError
 from xmr.export.graphs import GRAPHS, GraphSpec, graph_modules, graph_specs
-from xmr.export.precision import PRECISIONS, convert_to_fp16, graph_path
+from xmr.export.precision import PRECISIONS, convert_to_bf16, convert_to_fp16, graph_path
 from xmr.models.base import RetrievalModel
 
 OPSET = 18  # parsed by TensorRT 10 and 11 (and TensorRT-RTX)
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}  # largest absolute difference from PyTorch fp32, any output
+# Largest absolute difference from PyTorch fp32, any output. bf16's worst measured (PARITY_CASES,
+# OpenVINO): 4.6e-2 on the test models (CAMP's image_self_scores; seeds 1-6: <= 4.3e-2), 2.5e-2
+# at the released size (CAMP image_fuse_self; IMRAM 1.1e-3); fp16's 2e-2 has ~10x over its worst
+# (2.3e-3), bfloat16 rounds 8x coarser, so 1e-1: 2x over the worst, 4x at the released size.
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 FORBIDDEN_OPS = frozenset({"Loop", "If", "Scan", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase",
                            "SequenceInsert", "SequenceLength", "SequenceMap", "SplitToSequence", "ConcatFromSequence"})
 
@@ -98,65 +107,166 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, tor
                           opset_version=opset, input_names=[t.name for t in spec.inputs],
                           output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes())
     onnx.save(separate_outputs(onnx.load(str(path))), str(path))
+    return check_graph(path, spec.name)
+
+
+def check_graph(path: Path, name: str) -> Path:
+    """``path`` if ``onnx.checker`` (full check) passes and it holds no control flow; else
+    removes it and raises ``ExportError``."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         path.unlink(missing_ok=True)
-        raise ExportError(f"{spec.name}: onnx.checker failed: {e}") from e
+        raise ExportError(f"{name}: onnx.checker failed on {path.name}: {e}") from e
     if found := forbidden_ops(onnx.load(str(path)).graph):
         path.unlink(missing_ok=True)
-        raise ExportError(f"{spec.name}: control-flow/sequence ops in the graph: {', '.join(sorted(found))}")
+        raise ExportError(f"{name}: control-flow/sequence ops in the graph: {', '.join(sorted(found))}")
     return path
 
 
-def max_differences(path: Path, module: torch.nn.Module, spec: GraphSpec,
-                    inputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Largest absolute difference of each output, ONNX Runtime (CPU) against PyTorch."""
+Run = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # input arrays by name -> the requested outputs
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A CPU runtime that runs a graph file for validation: ``load(path, output_names)``
+    returns a ``Run``."""
+
+    name: str
+    load: Callable[[Path, list[str]], Run]
+
+
+def onnxruntime_run(path: Path, outputs: list[str]) -> Run:
+    """``path`` in ONNX Runtime's CPU provider."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run([t.name for t in spec.outputs], {t.name: inputs[t.name].numpy() for t in spec.inputs})
-    with torch.no_grad():
-        expected = module(*(inputs[t.name] for t in spec.inputs))
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    diffs = {}
-    for t, g, e in zip(spec.outputs, got, expected):
-        if g.shape != tuple(e.shape):
-            raise ExportError(f"{spec.name}: output {t.name} has shape {g.shape} in ONNX Runtime, {tuple(e.shape)} in PyTorch")
-        for engine, values in (("ONNX Runtime", g), ("PyTorch", e.numpy())):
-            if not np.isfinite(values).all():  # NaN compares unequal to everything: never a pass
-                raise ExportError(f"{spec.name}: output {t.name} holds NaN or Inf in {engine}; the weights or "
-                                  f"the export are broken")
-        diffs[t.name] = float(np.abs(g.astype(np.float64) - e.double().numpy()).max()) if g.size else 0.0
+    return lambda feeds: session.run(outputs, feeds)
+
+
+def import_openvino() -> ModuleType:
+    """The ``openvino`` module, or an ``ExportError`` saying that bf16 needs it."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise ExportError("bf16 graphs are validated with OpenVINO (ONNX Runtime's CPU provider has no bfloat16 "
+                          "kernels), which is not installed: pip install openvino") from e
+    return openvino
+
+
+def openvino_run(path: Path, outputs: list[str]) -> Run:
+    """``path`` in OpenVINO's CPU plugin at f32 inference precision, which computes every tensor
+    in the graph's own type (bfloat16 where the graph says so, never upcast or downcast). Each
+    input set is compiled at its own static shapes: with dynamic shapes the CPU plugin ignores
+    ``GRU``'s ``sequence_lens`` (OpenVINO 2026.4: padded steps are run, the backward direction
+    starts at the padding)."""
+    openvino = import_openvino()
+    core = openvino.Core()
+    model = core.read_model(str(path))
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        model.reshape({port_named(model.inputs, name, path): openvino.PartialShape(list(value.shape))
+                       for name, value in feeds.items()})
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled({port_named(compiled.inputs, name, path): value for name, value in feeds.items()})
+        return [result[port_named(compiled.outputs, name, path)] for name in outputs]
+
+    return run
+
+
+def port_named(ports: Sequence[Any], name: str, path: Path) -> Any:
+    """The OpenVINO port of ``ports`` that carries the tensor ``name`` (a port may carry several names)."""
+    for port in ports:
+        if name in set(port.get_names()):
+            return port
+    raise ExportError(f"{path.name}: OpenVINO has no port named {name!r}")
+
+
+ONNX_RUNTIME = Runtime("ONNX Runtime", onnxruntime_run)
+OPENVINO = Runtime("OpenVINO", openvino_run)
+VALIDATORS = {"bf16": OPENVINO}  # ONNX Runtime for every other precision
+
+
+def validator(precision: str) -> Runtime:
+    """The runtime that validates graphs of ``precision``."""
+    return VALIDATORS.get(precision, ONNX_RUNTIME)
+
+
+def max_differences(path: Path, module: torch.nn.Module, spec: GraphSpec,
+                    cases: list[dict[str, torch.Tensor]], runtime: Runtime = ONNX_RUNTIME) -> dict[str, float]:
+    """Largest absolute difference of each output over the input sets ``cases``, ``runtime``
+    (CPU) running ``path`` against PyTorch running ``module``."""
+    run = runtime.load(path, [t.name for t in spec.outputs])
+    diffs = {t.name: 0.0 for t in spec.outputs}
+    for inputs in cases:
+        got = run({t.name: inputs[t.name].numpy() for t in spec.inputs})
+        with torch.no_grad():
+            expected = module(*(inputs[t.name] for t in spec.inputs))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for t, g, e in zip(spec.outputs, got, expected):
+            diffs[t.name] = max(diffs[t.name], output_difference(spec.name, t.name, runtime.name, g, e.numpy()))
     return diffs
+
+
+def output_difference(graph: str, output: str, engine: str, got: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference of one output, ``engine``'s against PyTorch's; raises
+    ``ExportError`` on a shape mismatch or a value that is not finite."""
+    if got.shape != expected.shape:
+        raise ExportError(f"{graph}: output {output} has shape {got.shape} in {engine}, {expected.shape} in PyTorch")
+    for name, values in ((engine, got), ("PyTorch", expected)):
+        if not np.isfinite(values).all():  # NaN compares unequal to everything: never a pass
+            raise ExportError(f"{graph}: output {output} holds NaN or Inf in {name}; the weights or "
+                              f"the export are broken")
+    return float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max()) if got.size else 0.0
 
 
 def export_model(model: RetrievalModel, out_dir: Path, regions: int = 36, precisions: tuple[str, ...] = ("fp32",),
                  opset: int = OPSET, tolerances: dict[str, float] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Export, check and validate the three graphs of ``model`` into ``out_dir``, in fp32 and
-    each other requested precision (converted from the fp32 graphs).
+    each other requested precision (fp16 converted from the fp32 graphs, bf16 from fp32 and fp16).
 
     Every graph of every precision is compared with the float32 PyTorch model over
-    ``PARITY_CASES``. Returns the largest difference per precision, graph and output; raises
+    ``PARITY_CASES`` (``validator``: ONNX Runtime, OpenVINO for bf16). Returns the largest
+    difference per precision (in ``PRECISIONS`` order), graph and output; raises
     ``ExportError`` listing every output over its precision's tolerance (``TOLERANCES``), and
     removes the failing graph."""
     tolerances = {**TOLERANCES, **(tolerances or {})}
     if unknown := set(precisions) - set(PRECISIONS):
         raise ExportError(f"unknown precision {', '.join(sorted(unknown))}; choose from {', '.join(PRECISIONS)}")
+    if "bf16" in precisions:
+        import_openvino()  # before any work
     model = model.float().eval()
     specs, modules = graph_specs(model, regions), graph_modules(model)
     cases = [graph_inputs(modules, specs, example_inputs(model, regions, case, seed=i))
              for i, case in enumerate(PARITY_CASES)]
-    parity: dict[str, dict[str, dict[str, float]]] = {p: {} for p in ("fp32", *precisions)}
+    wanted = [p for p in PRECISIONS if p == "fp32" or p in precisions]  # fp16 before the bf16 derived from it
+    parity: dict[str, dict[str, dict[str, float]]] = {p: {} for p in wanted}
     for name in GRAPHS:
         fp32_path = export_graph(modules[name], specs[name], cases[0][name], graph_path(out_dir, name, "fp32"), opset)
         for precision in parity:
-            path = fp32_path if precision == "fp32" else convert_to_fp16(fp32_path, graph_path(out_dir, name, precision))
-            diffs = [max_differences(path, modules[name], specs[name], case[name]) for case in cases]
-            parity[precision][name] = worst = {out: max(d[out] for d in diffs) for out in diffs[0]}
+            path = converted(fp32_path, out_dir, name, precision, fp16_exported="fp16" in parity)
+            runtime = validator(precision)
+            parity[precision][name] = worst = max_differences(path, modules[name], specs[name],
+                                                              [case[name] for case in cases], runtime)
             failures = [f"- {out}: max diff = {d:.3g}" for out, d in worst.items() if not d <= tolerances[precision]]
             if failures:
                 path.unlink(missing_ok=True)
-                raise ExportError(f"{name} ({precision}): ONNX Runtime differs from PyTorch by more than "
+                raise ExportError(f"{name} ({precision}): {runtime.name} differs from PyTorch by more than "
                                   f"{tolerances[precision]}:\n" + "\n".join(failures))
     return parity
+
+
+def converted(fp32_path: Path, out_dir: Path, name: str, precision: str, fp16_exported: bool) -> Path:
+    """The ``precision`` graph of ``name`` in ``out_dir``, converted from ``fp32_path`` and
+    checked. bf16 is derived from the fp16 graph: the exported one (``fp16_exported``) or a
+    temporary one that is removed afterwards."""
+    out_path = graph_path(out_dir, name, precision)
+    if precision == "fp32":
+        return fp32_path
+    if precision == "fp16":
+        return check_graph(convert_to_fp16(fp32_path, out_path), name)
+    if fp16_exported:
+        return check_graph(convert_to_bf16(fp32_path, graph_path(out_dir, name, "fp16"), out_path), name)
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        fp16_path = convert_to_fp16(fp32_path, Path(scratch) / out_path.name)
+        return check_graph(convert_to_bf16(fp32_path, fp16_path, out_path), name)

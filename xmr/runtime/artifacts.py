@@ -123,7 +123,7 @@ class Artifacts:
     def precisions(self) -> list[str]:
         """Precisions every graph has an ONNX file for."""
         graphs = self.manifest["graphs"]
-        return [p for p in ("fp32", "fp16", "int8") if all(p in graphs[g]["files"] for g in GRAPHS)]
+        return [p for p in ("fp32", "fp16", "bf16", "int8") if all(p in graphs[g]["files"] for g in GRAPHS)]
 
     def graph(self, graph: str, precision: str) -> Path:
         files = self.manifest["graphs"][graph]["files"]

@@ -15,19 +15,26 @@ import numpy as np
 import torch
 
 # The block-budget policy (the one place): the largest per-block intermediate, in elements,
-# pairs x tokens x 2D (IMRAM's memory input). CPU: 2^23 floats (32 MB), measured fastest at the
-# released sizes (bench/scoring_cost.py); larger blocks fall out of cache and lose up to half
-# the throughput. GPU: a fraction of the free device memory, never below the CPU figure.
+# pairs x tokens x 2D (IMRAM's memory input). CPU: 2^23 elements, measured fastest for ONNX
+# Runtime fp32 at the released sizes (bench/scoring_cost.py); larger blocks fall out of cache and
+# lose up to half the throughput. Other CPU backends and precisions where measured otherwise
+# (bench/cpu_backends.py, docs/benchmarks.md). GPU: a fraction of the free device memory, never
+# below the CPU figure.
 CPU_BLOCK_ELEMENTS = 1 << 23
+CPU_BLOCK_BUDGETS: dict[tuple[str, str], int] = {  # (backend, precision) -> elements, where not 2^23
+    ("openvino", "fp32"): 1 << 24,  # 2^24 vs 2^23: +3% IMRAM, +15% CAMP (2 AVX-512 cores, 2026-12-02)
+}
 GPU_MEMORY_FRACTION = 0.5  # of the free device memory, for one block's intermediates
 LIVE_INTERMEDIATES = 8  # per-pair tensors of the block's largest size alive at once (measured upper bound)
+ELEMENT_BYTES = {"fp16": 2, "bf16": 2}  # else 4 (fp32 intermediates; int8 graphs dequantize to fp32)
 
 
-def default_budget(device: torch.device, element_bytes: int = 4) -> int:
-    """Elements of a block's largest intermediate on ``device`` (``element_bytes``: 2 for fp16)."""
+def default_budget(device: torch.device, backend: str = "", precision: str = "fp32") -> int:
+    """Elements of a block's largest intermediate for ``backend`` running ``precision`` on ``device``."""
     if device.type != "cuda":
-        return CPU_BLOCK_ELEMENTS
+        return CPU_BLOCK_BUDGETS.get((backend, precision), CPU_BLOCK_ELEMENTS)
     free, _ = torch.cuda.mem_get_info(device)
+    element_bytes = ELEMENT_BYTES.get(precision, 4)
     return max(CPU_BLOCK_ELEMENTS, int(free * GPU_MEMORY_FRACTION) // (element_bytes * LIVE_INTERMEDIATES))
 
 

@@ -73,8 +73,8 @@ class PairsRequest:
 class Scorer:
     """Scores (image, caption) pairs with one backend; thread-safe (one launch sequence at a time).
 
-    ``block_budget``: floats of a block's largest intermediate (default: ``schedule.default_budget``, 2^23
-    on CPU, a fraction of free memory on a GPU). ``max_length``: the longest caption in tokens
+    ``block_budget``: elements of a block's largest intermediate (default: ``schedule.default_budget``:
+    2^23 on CPU unless measured otherwise for the backend, a fraction of free memory on a GPU). ``max_length``: the longest caption in tokens
     (see ``load``). ``bucketed=False`` keeps captions in their given order when cutting blocks:
     the baseline that length bucketing is measured against."""
 
@@ -89,8 +89,9 @@ class Scorer:
         self.vocab = artifacts.vocab
         self.truncate, self.bucketed = truncate, bucketed
         self.max_length = caption_cap(max_length, backend.limits.length)
-        element_bytes = 2 if backend.precision == "fp16" else 4
-        self.block_budget = default_budget(backend.device, element_bytes) if block_budget is None else block_budget
+        if block_budget is None:
+            block_budget = default_budget(backend.device, backend.name, backend.precision)
+        self.block_budget = block_budget
         self._lock = threading.RLock()  # one launch sequence at a time on the backend
         self._counters = {"pairs_scored": 0, "launches": 0, "real_tokens": 0, "computed_tokens": 0}
         text_outputs = artifacts.outputs("text_encoder")
@@ -105,10 +106,11 @@ class Scorer:
              truncate: bool = True, bucketed: bool = True, verify: bool = True) -> Scorer:
         """A scorer over ``xmr export``'s artifacts.
 
-        ``backend``: ``auto`` (the fastest available for ``precision``), ``tensorrt``,
-        ``onnxruntime`` or ``torch``. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: a GPU
-        when there is one). ``threads``: ONNX Runtime CPU threads (default: the cores this process
-        may use). ``block_budget``, ``bucketed``: see the class. ``max_length``: the longest caption
+        ``backend``: ``auto`` (the fastest available for ``precision`` on this machine:
+        ``backends.auto_candidates``), ``tensorrt``, ``onnxruntime``, ``openvino`` or ``torch``.
+        ``precision``: ``fp32``, ``fp16``, ``bf16`` or ``int8``. ``device``: ``cpu``, ``cuda`` or
+        ``cuda:N`` (default: a GPU when there is one). ``threads``: ONNX Runtime / OpenVINO CPU
+        threads (default: the cores this process may use). ``block_budget``, ``bucketed``: see the class. ``max_length``: the longest caption
         in tokens, ``<start>``/``<end>`` included (default: 128, or the TensorRT profile's longest
         when smaller; at least 3, at most that profile's); longer captions are cut with an
         ``InputWarning`` (refused if ``truncate`` is false); raw text beyond the cap is never
@@ -137,6 +139,11 @@ class Scorer:
     @property
     def device(self) -> str:
         return str(self._backend.device)
+
+    @property
+    def emulated(self) -> bool:
+        """bf16 on a CPU without bf16 units: bf16 scores, computed slower than fp32."""
+        return self._backend.emulated
 
     def __repr__(self) -> str:
         return f"Scorer({self.artifacts.kind}, {self._backend.describe()})"

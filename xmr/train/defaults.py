@@ -33,6 +33,7 @@ from xmr.eval import EVAL_FORMAT, EvalResult, evaluate, is_eval_json
 from xmr.export.artifacts import check_export_options, export_artifacts, is_artifact_directory
 from xmr.export.manifest import MANIFEST
 from xmr.export.onnx_export import OPSET
+from xmr.export.precision import PRECISIONS as GRAPH_PRECISIONS
 from xmr.export.tensorrt import BuildOptions, ProfileShapes
 from xmr.models import build_model, load_checkpoint, make_config
 from xmr.models.config import SIZES
@@ -41,7 +42,7 @@ from xmr.outputs import check_output_dir, check_output_file
 from xmr.progress import console
 from xmr.train.trainer import BEST, TrainConfig, is_run_directory, train
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = (*GRAPH_PRECISIONS, "int8")  # what `xmr export --precision` takes (int8: through calibration)
 
 
 def run_directory(model: str) -> Path:

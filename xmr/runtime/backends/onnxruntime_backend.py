@@ -8,26 +8,17 @@ bus between the encoders and the pair scorer.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from xmr.cpu import available_cores
 from xmr.errors import ArtifactError, BackendUnavailableError, first_line
 from xmr.export.graphs import GRAPHS, LENGTH, N_CAPTIONS, N_IMAGES
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends.base import GraphBackend
 from xmr.runtime.inputs import positive_int
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, not the machine's count): the CPU
-    backend's default intra-op threads, and what the benchmark's utilisation is relative to."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def onnx_sessions(paths: dict[str, Path], threads: int = 0, providers: list | None = None) -> dict:
@@ -40,6 +31,14 @@ def onnx_sessions(paths: dict[str, Path], threads: int = 0, providers: list | No
     options.log_severity_level = 3  # no notes about unused initializers
     return {name: ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
             for name, path in paths.items()}
+
+
+def run_on_cpu(session: object, inputs: list[str], outputs: list[str],
+               feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``outputs`` of a CPU session, by name, for the ``inputs`` it takes out of ``feeds``
+    (torch CPU tensors, handed over as numpy views: no copy)."""
+    arrays = session.run(outputs, {name: feeds[name].numpy() for name in inputs})
+    return {name: torch.from_numpy(array) for name, array in zip(outputs, arrays)}
 
 
 def cuda_provider_available() -> bool:
@@ -59,6 +58,9 @@ class OnnxRuntimeBackend(GraphBackend):
         file: graphs made from these artifacts' fp32 ones, e.g. INT8 candidates, read with
         the artifacts' IO spec)."""
         super().__init__(artifacts, precision)
+        if precision == "bf16":
+            raise BackendUnavailableError("onnxruntime has no bf16 kernels; bf16 runs on openvino or torch (CPUs with "
+                                          "AMX-BF16 or AVX-512 BF16) and on tensorrt or torch (GPUs)")
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
@@ -81,19 +83,12 @@ class OnnxRuntimeBackend(GraphBackend):
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
         self.specs = {g: artifacts.outputs(g) for g in GRAPHS}
-        for graph in GRAPHS:  # the graph files must be the graphs the manifest describes
-            manifest = artifacts.manifest["graphs"][graph]
-            for side, names in (("inputs", self.inputs[graph]), ("outputs", self.outputs[graph])):
-                if sorted(names) != sorted(t["name"] for t in manifest[side]):
-                    raise ArtifactError(f"{paths[graph]} has {side} {sorted(names)}, its manifest "
-                                        f"lists {sorted(t['name'] for t in manifest[side])}; re-export")
+        self.check_io(self.inputs, self.outputs)  # the graph files must be the graphs the manifest describes
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feeds = {name: feeds[name] for name in self.inputs[graph]}
         if self.device.type == "cuda":
-            return self._run_bound(graph, feeds)
-        outputs = self.sessions[graph].run(self.outputs[graph], {n: t.numpy() for n, t in feeds.items()})
-        return {name: torch.from_numpy(array) for name, array in zip(self.outputs[graph], outputs)}
+            return self._run_bound(graph, {name: feeds[name] for name in self.inputs[graph]})
+        return run_on_cpu(self.sessions[graph], self.inputs[graph], self.outputs[graph], feeds)
 
     def _run_bound(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """IO binding on CUDA: inputs read in place, outputs written into torch CUDA tensors

@@ -105,6 +105,6 @@ class TensorRTBackend(GraphBackend):
 
     def _torch_dtype(self, dtype: object) -> torch.dtype:
         trt = self.trt
-        return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
+        return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16, trt.int64: torch.int64,
                 trt.int32: torch.int32, trt.bool: torch.bool}[dtype]
 

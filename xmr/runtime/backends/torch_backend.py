@@ -1,7 +1,10 @@
-"""The PyTorch model itself (the reference): fp32 on CPU or GPU, fp16 on GPU.
+"""The PyTorch model itself (the reference): fp32 on CPU or GPU, fp16 on GPU, bf16 on GPUs
+and CPUs (oneDNN runs bf16 matrix products on AMX-BF16 / AVX-512 BF16; elsewhere emulated).
 
 Encoder outputs are float32 whatever the precision, as the exported graphs' are, so a
-gallery is the same whichever backend encoded it; fp16 computes in float16 inside."""
+gallery is the same whichever backend encoded it; fp16 and bf16 compute in that type inside
+(weights and inputs cast, as autocast breaks on the models' mixed-type ``lerp``), except the
+text encoder, whose recurrence stays float32 as in the exported fp16 and bf16 graphs."""
 
 from __future__ import annotations
 
@@ -12,7 +15,24 @@ from xmr.export.graphs import PreparedIO
 from xmr.models.base import RetrievalModel
 from xmr.models.checkpoint import load_checkpoint
 from xmr.runtime.artifacts import Artifacts
-from xmr.runtime.backends.base import Backend, Prepared
+from xmr.runtime.backends.base import Backend, Prepared, bf16_emulated
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_problem(precision: str, device: torch.device) -> str | None:
+    """Why the torch backend cannot run ``precision`` on ``device`` here, or None if it can."""
+    if precision not in DTYPES:
+        return f"torch runs fp32, fp16 and bf16, not {precision}; {precision} runs on onnxruntime or tensorrt"
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return (f"torch bf16 needs a GPU with bf16 support (compute capability 8.0+), "
+                    f"not {torch.cuda.get_device_name(device)}")
+        return None
+    if precision == "fp16":
+        return ("torch fp16 needs a CUDA GPU (CPU float16 kernels are slow or missing); use fp32, or onnxruntime "
+                "for fp16 graphs")
+    return None
 
 
 class TorchBackend(Backend):
@@ -28,14 +48,13 @@ class TorchBackend(Backend):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("torch on cuda: no CUDA GPU is available to PyTorch here")
-        if precision == "int8":
-            raise BackendUnavailableError("torch runs fp32 and fp16 only; int8 runs on onnxruntime or tensorrt")
-        if precision == "fp16" and self.device.type != "cuda":
-            raise BackendUnavailableError("torch fp16 needs a CUDA GPU (CPU float16 kernels are slow or missing); "
-                                          "use fp32, or onnxruntime for fp16 graphs")
+        if (problem := torch_problem(precision, self.device)) is not None:
+            raise BackendUnavailableError(problem)
+        self.emulated = bf16_emulated(precision, self.device)
         model = load_checkpoint(artifacts.checkpoint()).eval()
-        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.dtype = DTYPES[precision]
         self.model = model.to(self.device, self.dtype)
+        self.model.txt_enc.float()  # the recurrence stays float32, as in the exported fp16 and bf16 graphs
 
     @classmethod
     def from_model(cls, model: RetrievalModel, regions: int) -> TorchBackend:
@@ -55,7 +74,7 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
-        prepared = self.model.prepare_texts(self.model.encode_texts(ids, lengths), lengths)
+        prepared = self.model.prepare_texts(self.model.encode_texts(ids, lengths).to(self.dtype), lengths)
         return {name: t.float() for name, t in self.io.to_graph_texts(prepared).items()}
 
     @torch.no_grad()
