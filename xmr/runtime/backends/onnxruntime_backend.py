@@ -59,8 +59,9 @@ class OnnxRuntimeBackend(GraphBackend):
         the artifacts' IO spec)."""
         super().__init__(artifacts, precision)
         if precision == "bf16":
-            raise BackendUnavailableError("onnxruntime has no bf16 kernels; bf16 runs on openvino or torch (CPUs with "
-                                          "AMX-BF16 or AVX-512 BF16) and on tensorrt or torch (GPUs)")
+            raise BackendUnavailableError("onnxruntime has no bf16 kernels; bf16 runs on openvino or torch (CPU: "
+                                          "native with AMX-BF16 or AVX-512 BF16, emulated elsewhere) and on tensorrt "
+                                          "or torch (GPUs)")
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
