@@ -23,26 +23,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from results import artifacts_for
 from xmr.benchmark.offline_bench import timed
 from xmr.calibration.accuracy import accuracy, mean_rank_agreement
 from xmr.cpu import cpu_features
 from xmr.data import DEFAULT_DATA, load_split
 from xmr.eval import split_scores
-from xmr.export.artifacts import export_artifacts, tool_versions
-from xmr.export.manifest import MANIFEST
+from xmr.export.artifacts import tool_versions
 from xmr.models.checkpoint import load_checkpoint
 from xmr.runtime import Scorer
 
 BACKENDS = ("openvino", "torch")
 console = Console(width=140)
-
-
-def artifacts_for(checkpoint: Path, root: Path) -> Path:
-    """fp32 artifacts of ``checkpoint`` under ``root`` (exported once)."""
-    out = root / f"{checkpoint.parent.name}-{checkpoint.stem}"
-    if not (out / MANIFEST).is_file():
-        export_artifacts(checkpoint, out, ("fp32",), engine=False)
-    return out
 
 
 def measure(checkpoint: Path, data: Path, images: int, root: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xmr.export.artifacts import tool_versions
+from xmr.export.artifacts import export_artifacts, tool_versions
+from xmr.export.manifest import MANIFEST, read_manifest
+from xmr.paths import file_sha256
 
 
 def write_results(path: Path, rows: list[dict[str, Any]], packages: tuple[str, ...] = ("torch", "onnxruntime")) -> None:
@@ -19,3 +21,11 @@ def write_results(path: Path, rows: list[dict[str, Any]], packages: tuple[str, .
         "command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         **tool_versions(packages), "rows": rows}, indent=2) + "\n")
+
+
+def artifacts_for(checkpoint: Path, root: Path) -> Path:
+    """fp32 artifacts of ``checkpoint`` under ``root``, exported again when the checkpoint changed."""
+    out = root / f"{checkpoint.parent.name}-{checkpoint.stem}"
+    if not (out / MANIFEST).is_file() or read_manifest(out)["source_checkpoint"].get("sha256") != file_sha256(checkpoint):
+        export_artifacts(checkpoint, out, ("fp32",), engine=False)
+    return out

@@ -114,6 +114,7 @@ def full_disk(world):
 
 
 S, T, E, I, C, X, B = "data synth", "train", "eval", "import-checkpoint", "export", "calibrate", "serve-bench"
+D = "distill"
 TINY_TRAIN = ["--embed-size", 8, "--word-dim", 8, "--epochs", 1, "--batch-size", 16]
 
 # (class, command, arguments with {placeholders} from ``world``, text the one error line must contain)
@@ -173,6 +174,14 @@ CASES = [
     ("option", T, ["-m", "camp", "--data", "{data}", "-o", "{root}/r12", "--batch-size", 500], "batch"),
     ("option", E, ["{ckpt}", "--data", "{data}", "--device", "cuda"], "no CUDA GPU is available"),
     ("option", E, ["{ckpt}", "--data", "{data}", "--split", "bogus"], "bogus"),
+    ("option", E, ["{ckpt}", "--data", "{data}", "--shortlist", 0], "--shortlist"),
+    ("option", E, ["{ckpt}", "--data", "{data}", "--compare"], "give --shortlist K too"),
+    ("option", E, ["{ckpt}", "--data", "{data}", "--shortlist", 4, "--fold5"], "--fold5"),
+    ("option", D, ["{ckpt}", "--data", "{data}", "-o", "{root}/d1.pt", "--epochs", 0], "epochs"),
+    ("option", D, ["{ckpt}", "--data", "{data}", "-o", "{root}/d2.pt", "--prefilter-dim", -1], "global_dim"),
+    ("output", D, ["{ckpt}", "--data", "{data}", "-o", "{ckpt}"], "being distilled"),
+    ("output", D, ["{ckpt}", "--data", "{data}", "-o", "{foreign_json}"], "results.json exists"),
+    ("file", D, ["{garbage}", "--data", "{data}", "-o", "{root}/d3.pt"], "garbage.pt"),
     ("option", E, ["{ckpt}", "--data", "{data}", "--fold5"], "divisible by 5"),
     ("option", C, ["-m", "imram", "--checkpoint", "{ckpt}", "-o", "{root}/a2", "--regions", 0], "--regions 0"),
     ("option", C, ["-m", "imram", "--checkpoint", "{ckpt}", "-o", "{root}/a3", "--regions", 100000], "--regions 100000"),
@@ -267,7 +276,7 @@ def test_bad_input_is_one_line_with_status_2(world, full_disk, monkeypatch, kind
 
 def test_the_case_table_covers_every_command_and_class():
     commands = {c[1] for c in CASES}
-    assert {S, T, E, I, C, X, B} <= commands
+    assert {S, T, E, I, C, X, B, D} <= commands
     assert {c[0] for c in CASES} == {"output", "non-finite", "option", "file", "message"}
 
 

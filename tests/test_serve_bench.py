@@ -23,6 +23,7 @@ from xmr.benchmark.offline_bench import (
 )
 from xmr.benchmark.online_bench import OnlineConfig, percentiles, stats_delta
 from xmr.benchmark.serve_bench import PLOT, ServeBenchConfig, run_serve_bench, write_report
+from xmr.benchmark.shortlist_bench import ShortlistBenchConfig
 from xmr.benchmark.serve_report import plot_report, print_report
 from xmr.benchmark.workload import MAX_WORDS, MIN_WORDS, caption_lengths, random_inputs
 from xmr.calibration.accuracy import accuracy
@@ -47,7 +48,8 @@ def setup(tmp_path_factory):
     write_synthetic(data, SynthConfig(n_train=30, n_dev=12, n_test=8, regions=6, img_dim=8, seed=4))
     vocab = Vocabulary.load(data / "vocab.json")
     torch.manual_seed(0)
-    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=8, embed_size=8, word_dim=8), vocab)
+    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=8, embed_size=8, word_dim=8, global_dim=4),
+                        vocab)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -64,8 +66,26 @@ def report(setup):
     config = ServeBenchConfig(model="imram", artifacts=artifacts, data=data, out=root / "out", device="cpu", test_images=8,
                               offline=OfflineConfig(images=6, seconds=0.05, encode_captions=12, authors_seconds=0.05),
                               online=OnlineConfig(seconds=0.3, gallery_images=4, clients=(1, 3), load_fractions=(0.5,),
-                                                  delays_ms=(0.0, 3.0)))
+                                                  delays_ms=(0.0, 3.0)),
+                              shortlist=ShortlistBenchConfig(galleries=(12,), shortlist=4, seconds=0.1, min_requests=2,
+                                                             sample_queries=3))
     return run_serve_bench(config, show_progress=False)
+
+
+def test_two_stage_rows_search_with_and_without_the_shortlist_and_cost_the_offline_evaluation(report):
+    bench = report["shortlist"]
+    assert (bench["backend"], bench["precision"]) == (report["online"]["backend"], report["online"]["precision"])
+    assert [(r["workload"], r["gallery_items"], r["shortlist"]) for r in bench["rows"]] == [
+        ("text->image", 12, None), ("text->image", 12, 4), ("image->text", 60, None), ("image->text", 60, 4)]
+    for row in bench["rows"]:
+        assert row["requests"] >= 2 and row["qps"] == pytest.approx(row["requests"] / row["seconds"])
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    offline = bench["offline"]
+    assert offline["exhaustive_pairs"] == 1000 * 5000 and offline["shortlist_pairs"] == (1000 + 5000) * 4
+    assert 2 * 3 * 4 <= offline["sample_pairs_scored"] <= 1.25 * 2 * 3 * 4
+    best = max(r["pairs_per_second"] for r in report["offline"]["rows"] if "skipped" not in r)
+    assert offline["exhaustive_seconds"] == pytest.approx(5e6 / best)
+    assert offline["shortlist_seconds"] == pytest.approx(6000 * offline["sample_seconds"] / 6)
 
 
 def test_every_available_backend_and_precision_has_a_row_and_the_rest_say_why(report):

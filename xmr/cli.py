@@ -133,9 +133,15 @@ def train(
     data: Path = typer.Option(DEFAULT_DATA, help="Precomp data directory (train and dev splits)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: runs/MODEL]."),
     vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON [default: the one in --data]."),
-    size: Size = typer.Option(Size("small"), help="small: D=64, word_dim=64; paper: D=1024, word_dim=300."),
+    size: Size = typer.Option(Size("small"), help="small: D=64, word_dim=64, prefilter 64; paper: D=1024, "
+                                                  "word_dim=300, prefilter 256."),
     embed_size: Optional[int] = typer.Option(None, help="Joint embedding size D (overrides --size)."),
     word_dim: Optional[int] = typer.Option(None, help="Word embedding size (overrides --size)."),
+    prefilter_dim: Optional[int] = typer.Option(None, help="Global vectors of the prefilter head trained beside "
+                                                "CAMP/IMRAM (overrides --size; 0: no head)."),
+    prefilter_weight: float = typer.Option(1.0, help="Weight of the prefilter head's contrastive loss."),
+    prefilter_epochs: int = typer.Option(10, help="Then epochs refining the head on the best checkpoint's frozen "
+                                         "encoders (as xmr distill)."),
     mode: ImramMode = typer.Option(ImramMode("full"), help="IMRAM matching mode."),
     steps: int = typer.Option(3, help="IMRAM matching steps K."),
     epochs: int = typer.Option(4, help="Training epochs."),
@@ -154,9 +160,11 @@ def train(
     from xmr.train.defaults import train_model
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, lr_update=lr_update,
-                         grad_clip=grad_clip, warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps)
+                         grad_clip=grad_clip, warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps,
+                         prefilter_weight=prefilter_weight, prefilter_epochs=prefilter_epochs)
     run = train_model(model.value, data=data, out=out, vocab=vocab, size=size.value, embed_size=embed_size,
-                      word_dim=word_dim, mode=mode.value, steps=steps, config=config, overwrite=overwrite)
+                      word_dim=word_dim, mode=mode.value, steps=steps, config=config, overwrite=overwrite,
+                      global_dim=prefilter_dim)
     console.print(f"best dev rsum {run.log['best_dev_rsum']:.1f}; checkpoint: {run.checkpoint}")
 
 
@@ -166,6 +174,16 @@ def _report_table(title: str, metrics: dict[str, float]) -> Table:
         table.add_column(name, justify="right")
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
     table.add_row(*(f"{metrics[k]:.1f}" for k in keys))
+    return table
+
+
+def _shortlist_table(title: str, rows: list[tuple[str, dict[str, float], str, str]]) -> Table:
+    table = Table(title=title)
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    for name in ("", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "rsum", "pairs scored", "s"):
+        table.add_column(name, justify="right")
+    for name, metrics, pairs, seconds in rows:
+        table.add_row(name, *(f"{metrics[k]:.1f}" for k in keys), pairs, seconds)
     return table
 
 
@@ -179,14 +197,62 @@ def eval_command(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    shortlist: Optional[int] = typer.Option(None, help="Two-stage: rescore only each query's K best by the prefilter "
+                                            "head (ALBEF/BLIP k_test), both ways."),
+    compare: bool = typer.Option(False, "--compare", help="With --shortlist: exhaustive recall beside it."),
 ) -> None:
     """Recall@1/5/10 both ways, rsum, medr and meanr of a checkpoint on a split."""
     from xmr.train.defaults import evaluate_checkpoint
 
     measured = evaluate_checkpoint(checkpoint, data=data, split=split, fold5=fold5, vocab=vocab, device=device,
-                                   json_out=json_out, overwrite=overwrite)
-    console.print(_report_table(f"{measured.kind} on {data}/{split}{' (5-fold 1K)' if fold5 else ''}",
-                                measured.result.report.to_dict()))
+                                   json_out=json_out, overwrite=overwrite, shortlist=shortlist, compare=compare)
+    title = f"{measured.kind} on {data}/{split}{' (5-fold 1K)' if fold5 else ''}"
+    if measured.shortlist is None:
+        console.print(_report_table(title, measured.result.report.to_dict()))
+        return
+    short = measured.shortlist
+    rows = [(f"shortlist {short.k}", short.report.to_dict(), f"{short.pairs_scored:,}", f"{short.seconds:.1f}"),
+            ("prefilter alone", short.prefilter.to_dict(), "0", "")]
+    if measured.result is not None:
+        rows.insert(0, ("exhaustive", measured.result.report.to_dict(), f"{short.exhaustive_pairs:,}",
+                        f"{measured.exhaustive_seconds:.1f}"))
+    console.print(_shortlist_table(title, rows))
+    recall = short.prefilter_recall
+    console.print(f"prefilter recall@{short.k}: i2t {100 * recall['i2t']:.1f}%, t2i {100 * recall['t2i']:.1f}%; "
+                  f"cross-attention scored {short.pairs_scored:,} of {short.exhaustive_pairs:,} pairs "
+                  f"({short.exhaustive_pairs / max(1, short.pairs_scored):.1f}x fewer)")
+
+
+@app.command("distill")
+def distill_command(
+    checkpoint: Path = typer.Argument(..., help="xmr checkpoint to add a prefilter head to (its weights stay as they are)."),
+    data: Path = typer.Option(DEFAULT_DATA, help="Precomp data directory (train and dev splits)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (default: CKPT.prefilter.pt beside CKPT)."),
+    prefilter_dim: int = typer.Option(0, help="Global vectors of the head (0: the checkpoint's head's, else "
+                                      "min(256, D))."),
+    epochs: int = typer.Option(10, help="Epochs over the train captions."),
+    batch_size: int = typer.Option(128, help="Distinct images per batch (one caption each)."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    kl_weight: float = typer.Option(1.0, help="Weight of the teacher's listwise KL beside the contrastive term."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    seed: int = typer.Option(0, help="Random seed."),
+    max_steps: int = typer.Option(0, help="Stop after this many steps (0: run all epochs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+) -> None:
+    """Train a prefilter head on a checkpoint's frozen encoders, its cross-attention scores the teacher."""
+    from xmr.train.distill import DistillConfig
+    from xmr.train.defaults import distill_checkpoint
+
+    config = DistillConfig(global_dim=prefilter_dim, epochs=epochs, batch_size=batch_size, learning_rate=lr,
+                           kl_weight=kl_weight, device=device, seed=seed, max_steps=max_steps)
+    run = distill_checkpoint(checkpoint, data=data, out=out, config=config, overwrite=overwrite)
+    before, after = run.log["before"], run.log["dev"]
+    table = Table(title=f"prefilter recall@K on {data}/dev (untrained head -> distilled)")
+    for name in before:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{before[n]:.1f} -> {after[n]:.1f}" for n in before))
+    console.print(table)
+    console.print(f"checkpoint with the head: {run.checkpoint} (export it: xmr export --checkpoint {run.checkpoint})")
 
 
 @app.command("import-checkpoint")

@@ -18,6 +18,7 @@ import torch
 from xmr.benchmark.hardware import hardware_for
 from xmr.benchmark.offline_bench import CANDIDATES, OfflineConfig, run_offline
 from xmr.benchmark.online_bench import OnlineConfig, Workload, run_online
+from xmr.benchmark.shortlist_bench import ShortlistBenchConfig, run_shortlist_bench
 from xmr.benchmark.workload import accuracy_data, build_default_artifacts, random_inputs
 from xmr.config import check_int
 from xmr.device import resolve_device
@@ -59,6 +60,7 @@ class ServeBenchConfig:
     test_images: int = 40
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    shortlist: ShortlistBenchConfig = field(default_factory=ShortlistBenchConfig)
     overwrite: bool = False  # replace ``out`` even if it is not a serve-bench output
 
     def __post_init__(self) -> None:
@@ -80,7 +82,9 @@ class ServeBenchConfig:
         return cls(**{"test_images": 20, "offline": OfflineConfig(images=100, seconds=2.0, encode_captions=200,
                                                                  authors_seconds=2.0),
                       "online": OnlineConfig(seconds=1.5, gallery_images=20, clients=(1, 4), load_fractions=(0.5, 1.2),
-                                             delays_ms=(0.0, 5.0)), **overrides})
+                                             delays_ms=(0.0, 5.0)),
+                      "shortlist": ShortlistBenchConfig(galleries=(100,), shortlist=16, seconds=1.0, min_requests=2,
+                                                        sample_queries=8), **overrides})
 
 
 def environment() -> dict[str, Any]:
@@ -126,7 +130,8 @@ def run_serve_bench(config: ServeBenchConfig, show_progress: bool = True) -> dic
     rows = candidates(config)
     online_settings = (len(config.online.clients) + len(config.online.load_fractions) + max(0, len(config.online.delays_ms) - 1))
     with progress(show_progress) as bar:
-        task = bar.add_task("serve-bench", total=len(rows) + 1 + 2 * online_settings, info="")
+        shortlist_settings = 4 * len(config.shortlist.galleries) + 1
+        task = bar.add_task("serve-bench", total=len(rows) + 1 + 2 * online_settings + shortlist_settings, info="")
 
         def advance(label: str) -> None:
             bar.update(task, advance=1, info=label)
@@ -141,13 +146,15 @@ def run_serve_bench(config: ServeBenchConfig, show_progress: bool = True) -> dic
         with Scorer.load(artifacts, backend=best["backend"], precision=best["precision"], device=config.device) as scorer:
             with BatchedScorer(scorer) as front:
                 online = run_online(front, workloads(scorer, inputs, config.online), config.online, advance)
+                shortlist = run_shortlist_bench(front, best["pairs_per_second"], config.shortlist, advance)
     return {"format": FORMAT, "environment": environment(), "hardware": hardware.as_dict(),
             "config": json.loads(json.dumps(dataclasses.asdict(config), default=_json_value)),
             "artifacts": str(artifacts), "model": manifest["model"], "model_config": model_config,
             "regions": manifest["regions"],
             "matrix": {"images": config.offline.images, "captions": config.offline.captions,
                        "pairs": config.offline.images * config.offline.captions},
-            "offline": offline, "online": {"backend": best["backend"], "precision": best["precision"], "results": online}}
+            "offline": offline, "online": {"backend": best["backend"], "precision": best["precision"], "results": online},
+            "shortlist": shortlist}
 
 
 def workloads(scorer: Scorer, inputs: Any, config: OnlineConfig) -> list[Workload]:

@@ -91,9 +91,37 @@ def online_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def shortlist_table(report: dict[str, Any]) -> Table | str:
+    bench = report.get("shortlist") or {"skipped": "not measured"}
+    if "skipped" in bench:
+        return f"Two-stage search: skipped ({bench['skipped']})"
+    table = Table(title=f"Two-stage search, one client through BatchedScorer.submit ({bench['backend']} "
+                        f"{bench['precision']}, top {bench['k']})")
+    for column in ("workload", "gallery", "shortlist", "QPS", "p50 ms", "p95 ms", "p99 ms", "requests", "QPS gain"):
+        table.add_column(column, justify="right")
+    measured = [r for r in bench["rows"] if "skipped" not in r]
+    exhaustive = {(r["workload"], r["gallery_items"]): r["qps"] for r in measured if r["shortlist"] is None}
+    for r in bench["rows"]:
+        if "skipped" in r:
+            table.add_row(r["workload"], f"{r['gallery_items']:,}", "", f"skipped: {r['skipped']}", *[""] * 5)
+            continue
+        gain = r["qps"] / exhaustive[(r["workload"], r["gallery_items"])] if r["shortlist"] else None
+        table.add_row(r["workload"], f"{r['gallery_items']:,}", str(r["shortlist"] or "none"), _num(r["qps"], ".2f"),
+                      _num(r["p50_ms"], ".1f"), _num(r["p95_ms"], ".1f"), _num(r["p99_ms"], ".1f"), str(r["requests"]),
+                      _num(gain, ".1f", "x"))
+    off = bench["offline"]
+    table.caption = (f"Offline, Flickr30K-1K shape ({off['images']:,} images x {off['captions']:,} captions): exhaustive "
+                     f"{off['exhaustive_pairs']:,} pairs, about {_num(off['exhaustive_seconds'], ',.0f')} s at the best "
+                     f"offline row's rate; shortlist {off['shortlist']}: (images + captions) x {off['shortlist']} = "
+                     f"{off['shortlist_pairs']:,} pairs, about {_num(off['shortlist_seconds'], ',.0f')} s (from "
+                     f"{off['sample_queries_each_way']} timed queries each way).")
+    return table
+
+
 def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(offline_table(report))
     console.print(online_table(report))
+    console.print(shortlist_table(report))
 
 
 def plot_report(report: dict[str, Any], path: Path) -> Path | None:

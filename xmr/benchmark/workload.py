@@ -25,7 +25,7 @@ from xmr.models import build_model, make_config
 from xmr.models.checkpoint import save_checkpoint
 
 F30K_VOCAB_SIZE = 8481  # words in SCAN's Flickr30K precomp vocabulary (f30k_precomp_vocab.json)
-RELEASED = {"embed_size": 1024, "word_dim": 300, "img_dim": 2048}
+RELEASED = {"embed_size": 1024, "word_dim": 300, "img_dim": 2048, "global_dim": 256}  # with a prefilter head
 RELEASED_REGIONS = 36
 MEAN_WORDS, SD_WORDS, MIN_WORDS, MAX_WORDS = 12.3, 5.0, 4, 40  # Flickr30K-like caption lengths
 
@@ -74,7 +74,7 @@ def build_default_artifacts(model: str, root: Path, test_images: int, show_progr
     calibrated (int8); and the synthetic data beside them. Reused when present."""
     data = accuracy_data(root, RELEASED_REGIONS, RELEASED["img_dim"], test_images)
     artifacts = root / model
-    if not (artifacts / MANIFEST).is_file():
+    if not (artifacts / MANIFEST).is_file() or not read_manifest(artifacts)["config"].get("global_dim"):
         torch.manual_seed(0)
         vocab = released_size_vocabulary()
         net = build_model(make_config(model, vocab_size=len(vocab), **RELEASED), vocab)

@@ -22,6 +22,7 @@ import torch
 from xmr.calibration.config import MIN_IMAGES, CalibrationConfig
 from xmr.data.precomp import PrecompSplit
 from xmr.errors import CalibrationError
+from xmr.export.graphs import split_global
 from xmr.runtime.backends import Backend
 
 Arrays = dict[str, np.ndarray]  # one graph's inputs (or outputs) by name
@@ -73,7 +74,8 @@ def caption_blocks(lengths: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> Arrays:
-    return {name: t.cpu().numpy() for name, t in tensors.items()}
+    """Encoder outputs as the pair scorer's input arrays (a prefilter head's vectors left out)."""
+    return {name: t.cpu().numpy() for name, t in split_global(tensors)[0].items()}
 
 
 def build_calibration_set(split: PrecompSplit, encoders: Backend, config: CalibrationConfig) -> CalibrationSet:

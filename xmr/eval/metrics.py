@@ -63,14 +63,17 @@ def check_finite_scores(scores: np.ndarray) -> None:
                          "inputs are not finite, or its computation overflowed (fp16?)")
 
 
-def recall_report(scores: np.ndarray, per_image: int = 5) -> RecallReport:
-    """Metrics of a score matrix ``[N_images, N_images * per_image]`` (rows images)."""
-    scores = np.asarray(scores)
-    if scores.ndim != 2 or scores.shape[1] != scores.shape[0] * per_image:
-        raise ShapeError(f"score matrix must be [N, N*{per_image}] (rows images), got {list(scores.shape)}")
-    check_finite_scores(scores)
-    i2t = image_to_text_ranks(scores, per_image)
-    t2i = text_to_image_ranks(scores, per_image)
+def recall_report(scores: np.ndarray, per_image: int = 5, t2i_scores: np.ndarray | None = None) -> RecallReport:
+    """Metrics of a score matrix ``[N_images, N_images * per_image]`` (rows images); with
+    ``t2i_scores`` (same shape), image->text ranks come from ``scores`` and text->image ranks
+    from ``t2i_scores`` (a shortlist's rankings differ by direction)."""
+    matrices = [np.asarray(scores), np.asarray(scores if t2i_scores is None else t2i_scores)]
+    for matrix in matrices:
+        if matrix.ndim != 2 or matrix.shape[1] != matrix.shape[0] * per_image or matrix.shape != matrices[0].shape:
+            raise ShapeError(f"score matrix must be [N, N*{per_image}] (rows images), got {list(matrix.shape)}")
+        check_finite_scores(matrix)
+    i2t = image_to_text_ranks(matrices[0], per_image)
+    t2i = text_to_image_ranks(matrices[1], per_image)
     return RecallReport(
         *_recalls(i2t), float(np.floor(np.median(i2t)) + 1), float(i2t.mean() + 1),
         *_recalls(t2i), float(np.floor(np.median(t2i)) + 1), float(t2i.mean() + 1),

@@ -6,6 +6,9 @@
 - ``text_encoder``: token ids ``[Nt, L]`` + lengths ``[Nt]`` -> the prepared caption tensors;
 - ``pair_scorer``: all of those -> scores ``[Ni, Nt]`` (``model.score_prepared``).
 
+A model with prefilter heads (``config.global_dim``) adds one output to each encoder:
+``image_global`` / ``text_global``, unit vectors ``[N, G]`` (not pair-scorer inputs).
+
 Input and output names, and which axes are dynamic, come from the model's declared
 ``prepared_spec()`` through one adapter (``PreparedIO``: ``image_`` / ``text_`` prefixes,
 ``lengths`` apart), here once (``GraphSpec``), and are used by the exporter, the validator,
@@ -22,8 +25,18 @@ from torch import nn
 from xmr.models.base import ITEMS, LENGTH, REGIONS, Prepared, PreparedSpec, RetrievalModel
 
 IMAGE_PREFIX, TEXT_PREFIX = "image_", "text_"
+# The prefilter head's vectors ``[N, G]``: extra encoder outputs of a model with heads, not pair-scorer inputs.
+IMAGE_GLOBAL, TEXT_GLOBAL = "image_global", "text_global"
+GLOBAL_OUTPUTS = (IMAGE_GLOBAL, TEXT_GLOBAL)
 N_IMAGES, N_CAPTIONS = "n_images", "n_captions"  # the item axes; LENGTH ("length") is the spec's own
 GRAPHS = ("image_encoder", "text_encoder", "pair_scorer")
+
+
+def split_global(outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """An encoder's outputs by name -> (the pair scorer's inputs among them, the head's vectors or None)."""
+    prepared = {name: t for name, t in outputs.items() if name not in GLOBAL_OUTPUTS}
+    vectors = [t for name, t in outputs.items() if name in GLOBAL_OUTPUTS]
+    return prepared, vectors[0] if vectors else None
 
 
 @dataclass
@@ -97,10 +110,13 @@ def graph_specs(model: RetrievalModel, regions: int) -> dict[str, GraphSpec]:
     image_outputs = [TensorSpec(n, float_type, shapes[n]) for n in io.image_names]
     text_outputs = [TensorSpec(n, float_type, shapes[n]) for n in io.text_names]
     lengths = TensorSpec("lengths", "int64", [N_CAPTIONS])
+    heads = ([TensorSpec(IMAGE_GLOBAL, float_type, [N_IMAGES, model.config.global_dim])],
+             [TensorSpec(TEXT_GLOBAL, float_type, [N_CAPTIONS, model.config.global_dim])]) if model.prefilter else ([], [])
     return {
         "image_encoder": GraphSpec("image_encoder", [TensorSpec("features", float_type, [N_IMAGES, regions, model.config.img_dim])],
-                                   image_outputs),
-        "text_encoder": GraphSpec("text_encoder", [TensorSpec("ids", "int64", [N_CAPTIONS, LENGTH]), lengths], text_outputs),
+                                   image_outputs + heads[0]),
+        "text_encoder": GraphSpec("text_encoder", [TensorSpec("ids", "int64", [N_CAPTIONS, LENGTH]), lengths],
+                                  text_outputs + heads[1]),
         "pair_scorer": GraphSpec("pair_scorer", [*image_outputs, *text_outputs, lengths],
                                  [TensorSpec("scores", float_type, [N_IMAGES, N_CAPTIONS])]),
     }
@@ -114,13 +130,16 @@ class _PreparedGraph(nn.Module):
 
 class ImageEncoderGraph(_PreparedGraph):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.io.to_graph_images(self.model.prepare_images(self.model.img_enc(features))).values())
+        regions = self.model.img_enc(features)
+        outputs = tuple(self.io.to_graph_images(self.model.prepare_images(regions)).values())
+        return outputs + (self.model.global_images(regions),) if self.model.prefilter else outputs
 
 
 class TextEncoderGraph(_PreparedGraph):
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        prepared = self.model.prepare_texts(self.model.txt_enc(ids, lengths), lengths)
-        return tuple(self.io.to_graph_texts(prepared).values())
+        words = self.model.txt_enc(ids, lengths)
+        outputs = tuple(self.io.to_graph_texts(self.model.prepare_texts(words, lengths)).values())
+        return outputs + (self.model.global_texts(words, lengths),) if self.model.prefilter else outputs
 
 
 class PairScorerGraph(_PreparedGraph):

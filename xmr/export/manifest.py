@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from xmr.errors import ArtifactError
-from xmr.export.graphs import GRAPHS, N_IMAGES, GraphSpec, TensorSpec
+from xmr.export.graphs import (
+    GLOBAL_OUTPUTS, GRAPHS, IMAGE_GLOBAL, N_CAPTIONS, N_IMAGES, TEXT_GLOBAL, GraphSpec, TensorSpec,
+)
 from xmr.paths import inside, require
 
 MANIFEST = "manifest.json"
@@ -71,7 +73,8 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     if features != [[N_IMAGES, manifest["regions"], manifest["config"]["img_dim"]]]:
         raise ArtifactError(f"{where}: image_encoder takes features {features}, not [n_images, regions "
                             f"{manifest['regions']}, img_dim {manifest['config']['img_dim']}] as the manifest says; re-export")
-    encoded = names["image_encoder.outputs"] | names["text_encoder.outputs"] | {"lengths"}
+    encoded = (names["image_encoder.outputs"] | names["text_encoder.outputs"] | {"lengths"}) - set(GLOBAL_OUTPUTS)
+    check_prefilter(manifest, where)
     if names["pair_scorer.inputs"] != encoded:
         raise ArtifactError(f"{where}: pair_scorer inputs {sorted(names['pair_scorer.inputs'])} are not the encoders' "
                             f"outputs {sorted(encoded)}; re-export")
@@ -79,6 +82,18 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
         raise ArtifactError(f"{where}: 'engines' must be an object with a 'files' object; re-export")
     for name in listed_files(manifest):  # plain names inside the directory, or the manifest is refused
         inside(path.parent, name, f"{where}: a listed file")
+
+
+def check_prefilter(manifest: dict[str, Any], where: str) -> None:
+    """The prefilter head's outputs: both encoders' or neither, ``[items, global_dim]`` as the config says."""
+    dim = manifest["config"].get("global_dim", 0)
+    graphs = manifest["graphs"]
+    heads = {graph: [t["shape"] for t in graphs[graph]["outputs"] if t["name"] == name]
+             for graph, name in (("image_encoder", IMAGE_GLOBAL), ("text_encoder", TEXT_GLOBAL))}
+    expected = {"image_encoder": [[N_IMAGES, dim]] if dim else [], "text_encoder": [[N_CAPTIONS, dim]] if dim else []}
+    if heads != expected:
+        raise ArtifactError(f"{where}: the encoders' prefilter outputs {heads} are not what config global_dim "
+                            f"{dim!r} implies {expected}; re-export"[:400])
 
 
 def manifest_specs(manifest: dict[str, Any]) -> dict[str, GraphSpec]:

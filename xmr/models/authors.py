@@ -249,17 +249,17 @@ def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
     return blob
 
 
-def check_output_is_not_input(source: Path, out: Path) -> None:
-    """Refuses an output path that is the checkpoint being imported, however it is spelt
+def check_output_is_not_input(source: Path, out: Path, role: str = "being imported",
+                              original: str = "the authors' original") -> None:
+    """Refuses an output path that is the checkpoint being read, however it is spelt
     (``./x/../x/file``, a symlink, a hard link): writing there would destroy the original."""
     try:
         same = os.path.samefile(source, out)
     except OSError:  # either does not exist (yet): they cannot be one file
         same = False
     if same:
-        raise CheckpointError(
-            f"{out}: is the checkpoint being imported ({source}); writing there would overwrite the authors' "
-            "original, choose another output path")
+        raise CheckpointError(f"{out}: is the checkpoint {role} ({source}); writing there would overwrite {original}, "
+                              "choose another output path")
 
 
 def _opt(opt: Mapping[str, Any], name: str) -> Any:

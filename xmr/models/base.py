@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from xmr.data.vocab import Vocabulary
-from xmr.errors import VocabError
+from xmr.errors import ConfigError, VocabError
 from xmr.models.config import ModelConfig
 from xmr.models.layers import (
-    ImageEncoder, TextEncoder, check_embeddings, check_features, check_tokens,
+    ImageEncoder, TextEncoder, check_embeddings, check_features, check_tokens, length_mask,
 )
+from xmr.models.prefilter import PrefilterHeads
 
 Prepared = dict[str, torch.Tensor]  # per-item tensors, the item index first (see ``prepare_images``)
 
@@ -64,6 +65,10 @@ class RetrievalModel(nn.Module):
         self.vocab = vocab
         self.img_enc = ImageEncoder(config.img_dim, config.embed_size, config.img_norm)
         self.txt_enc = TextEncoder(config.vocab_size, config.word_dim, config.embed_size, config.txt_norm)
+        self.prefilter: PrefilterHeads | None = None
+        if config.global_dim:
+            with torch.random.fork_rng(devices=[]):  # the other layers get the weights a model without heads gets
+                self.prefilter = PrefilterHeads(config.embed_size, config.global_dim)
 
     @property
     def kind(self) -> str:
@@ -78,6 +83,20 @@ class RetrievalModel(nn.Module):
         """Token ids ``[Nt, L]`` (0-padded, ``<start>``/``<end>`` included) -> ``[Nt, L, D]``."""
         check_tokens(ids, lengths, self.config.vocab_size)
         return self.txt_enc(ids.long(), lengths.long())
+
+    def global_images(self, img_emb: torch.Tensor) -> torch.Tensor:
+        """The prefilter head's unit vectors ``[Ni, G]`` of region embeddings ``[Ni, R, D]``."""
+        return self._heads().images(img_emb)
+
+    def global_texts(self, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The prefilter head's unit vectors ``[Nt, G]`` of word embeddings ``[Nt, L, D]``."""
+        return self._heads().texts(cap_emb, length_mask(lengths.to(cap_emb.device), cap_emb.size(1)))
+
+    def _heads(self) -> PrefilterHeads:
+        if self.prefilter is None:
+            raise ConfigError(f"this {self.kind} model has no prefilter head (global_dim 0); train one with "
+                              f"`xmr distill CHECKPOINT`")
+        return self.prefilter
 
     def score(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
               direct: bool = False) -> torch.Tensor:

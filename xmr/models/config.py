@@ -6,11 +6,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from xmr.config import check_bool, check_choice, check_float, check_int, check_memory
+from xmr.errors import ConfigError
 
 IMRAM_MODES = ("text", "image", "full")
+HEAD_WIDTH = 4  # hidden units of the prefilter head's MLP, per global dimension
 MAX_STEPS = 100  # IMRAM matching steps; the paper uses 1-3
 # Model sizes: "small" trains on the synthetic set in minutes on a CPU; "paper" is the released size.
-SIZES = {"small": {"embed_size": 64, "word_dim": 64}, "paper": {"embed_size": 1024, "word_dim": 300}}
+# ``global_dim``: the prefilter head's vectors (``xmr train`` trains one for the cross-attention models).
+SIZES = {"small": {"embed_size": 64, "word_dim": 64, "global_dim": 64},
+         "paper": {"embed_size": 1024, "word_dim": 300, "global_dim": 256}}
 
 
 @dataclass
@@ -28,6 +32,7 @@ class ModelConfig:
     img_dim: int = 2048  # region feature size (bottom-up features: 2048)
     img_norm: bool = True  # l2-normalise each region embedding
     txt_norm: bool = True  # l2-normalise each word embedding
+    global_dim: int = 0  # the prefilter head's global vectors (0: no head; the authors' models have none)
 
     def __post_init__(self) -> None:
         """Every field checked (``ConfigError`` naming it and its range); then the weights'
@@ -38,6 +43,10 @@ class ModelConfig:
             check_int(owner, name, getattr(self, name), 1)
         for name in ("img_norm", "txt_norm"):
             check_bool(owner, name, getattr(self, name))
+        check_int(owner, "global_dim", self.global_dim, 0)
+        if self.global_dim and not self.CROSS_ATTENTION:
+            raise ConfigError(f"{owner}: global_dim must be 0: a prefilter head shortlists for cross-attention, and "
+                              f"this model is itself a dual encoder")
         self.check_fields(owner)
         check_memory(owner, f"the float32 weights (about {self.parameter_estimate():,} parameters)",
                      4 * self.parameter_estimate(), "lower embed_size, word_dim, img_dim or vocab_size")
@@ -48,8 +57,10 @@ class ModelConfig:
     def parameter_estimate(self) -> int:
         """Parameters, about: word embedding, bidirectional GRU, region projection and the
         kind's ``SQUARE_MATRICES`` D x D blocks."""
-        d, w = self.embed_size, self.word_dim
-        return self.vocab_size * w + 6 * (w + d + 2) * d + (self.img_dim + 1) * d + self.SQUARE_MATRICES * d * d
+        d, w, g = self.embed_size, self.word_dim, self.global_dim
+        heads = 2 * (HEAD_WIDTH * g * (d + 1) + (HEAD_WIDTH * g + 1) * g)  # two GlobalHead MLPs
+        return (self.vocab_size * w + 6 * (w + d + 2) * d + (self.img_dim + 1) * d + self.SQUARE_MATRICES * d * d
+                + heads)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 BCE_EPS = 1e-6
+TEMPERATURE = 0.05  # of the prefilter heads' contrastive loss (inner products of unit vectors / 0.05)
 
 
 def _off_diagonal(scores: torch.Tensor) -> torch.Tensor:
@@ -42,3 +43,11 @@ def bce_loss(scores: torch.Tensor, hardest: bool = True) -> torch.Tensor:
         positive = torch.log(s.diag()).sum()
         return -(2 * positive + negative.min(dim=1).values.sum() + negative.min(dim=0).values.sum())
     return -(torch.log(s.diag()).mean() + negative.mean())
+
+
+def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """The prefilter heads' loss: symmetric InfoNCE over a batch of matching unit vectors
+    ``[B, G]`` (row i of ``images`` shows caption i), in-batch negatives both ways."""
+    logits = images @ texts.T / temperature
+    target = torch.arange(logits.size(0), device=logits.device)
+    return (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2

@@ -34,17 +34,20 @@ class BatchedScorer:
         self._batcher: DynamicBatcher[Request, Any] = DynamicBatcher(
             self._run_batch, config or BatcherConfig(), key=_batch_key, size=_batch_size, name="xmr-scorer")
 
-    def submit(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> concurrent.futures.Future[SearchResult]:
-        """``Scorer.search`` through the batcher; a full queue raises ``QueueFullError``."""
-        return self._batcher.submit(self.scorer.search_request(query, gallery, k))
+    def submit(self, query: Images | Captions, gallery: Gallery, k: int = 10,
+               shortlist: int | None = None) -> concurrent.futures.Future[SearchResult]:
+        """``Scorer.search`` through the batcher (requests with the same gallery and shortlist
+        share batches); a full queue raises ``QueueFullError``."""
+        return self._batcher.submit(self.scorer.search_request(query, gallery, k, shortlist))
 
     def submit_pairs(self, images: Images, texts: Captions, pairs: object) -> concurrent.futures.Future[np.ndarray]:
         """``Scorer.score_pairs`` through the batcher."""
         return self._batcher.submit(self.scorer.pairs_request(images, texts, pairs))
 
-    async def search_async(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
+    async def search_async(self, query: Images | Captions, gallery: Gallery, k: int = 10,
+                           shortlist: int | None = None) -> SearchResult:
         """``submit`` for asyncio code: awaits the batched result without blocking the loop."""
-        return await asyncio.wrap_future(self.submit(query, gallery, k))
+        return await asyncio.wrap_future(self.submit(query, gallery, k, shortlist))
 
     @property
     def config(self) -> BatcherConfig:
@@ -76,7 +79,8 @@ class BatchedScorer:
             pairs = np.concatenate([r.pairs for r in requests])
             return np.split(self.scorer.run_pairs(PairsRequest(first.images, first.texts, pairs)), cuts)
         query = concat([r.query for r in requests])  # type: ignore[union-attr]
-        merged = self.scorer.run_search(SearchRequest(query, first.gallery, max(r.k for r in requests)))
+        merged = self.scorer.run_search(SearchRequest(query, first.gallery, max(r.k for r in requests),
+                                                      first.shortlist))  # type: ignore[union-attr]
         return [SearchResult(indices[:, : r.k], scores[:, : r.k]) for r, indices, scores  # type: ignore[union-attr]
                 in zip(requests, np.split(merged.indices, cuts), np.split(merged.scores, cuts))]
 
@@ -84,7 +88,7 @@ class BatchedScorer:
 def _batch_key(request: Request) -> tuple:
     if isinstance(request, PairsRequest):
         return ("pairs", id(request.images), id(request.texts))
-    return ("search", id(request.gallery))
+    return ("search", id(request.gallery), request.shortlist)
 
 
 def _batch_size(request: Request) -> int:

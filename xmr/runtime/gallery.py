@@ -37,6 +37,7 @@ FORMAT = "xmr-gallery"
 FORMAT_VERSION = 2  # 2: sha256 per tensor file and a header digest
 DIGESTED = ("format", "format_version", "kind", "count", "identity", "precision", "tensors", "meta")
 PREFIX = {"images": "image_", "texts": "text_"}
+VECTORS = "vectors"  # the prefilter head's vectors, saved as vectors.npy
 MAX_HEADER_BYTES = 16 << 20  # a header lists a few tensors; anything larger is not one
 FINITE_CHUNK = 1 << 22  # elements checked at a time for NaN/Inf (no gallery-sized temporaries)
 
@@ -49,6 +50,7 @@ class Gallery:
     lengths: torch.Tensor | None = None  # captions only: tokens per caption (CPU, int64)
     meta: dict = field(default_factory=dict)
     offsets: dict[int, torch.Tensor] = field(default_factory=dict)  # captions only: see TextGallery
+    vectors: torch.Tensor | None = None  # the prefilter head's unit vectors [N, G] in item order (None: no head)
 
     kind = "gallery"
 
@@ -63,13 +65,14 @@ class Gallery:
         if self.device == device:
             return self
         return type(self)({n: t.to(device) for n, t in self.items.items()}, self.identity, self.precision,
-                          self.lengths, dict(self.meta), self.offsets)
+                          self.lengths, dict(self.meta), self.offsets,
+                          None if self.vectors is None else self.vectors.to(device))
 
     def select(self, index: np.ndarray | list[int]) -> Gallery:
         """The items at ``index`` (in that order), as a gallery of the same kind."""
         index = _index(index, len(self))
-        items = {n: t.index_select(0, index.to(t.device)) for n, t in self.items.items()}
-        return type(self)(items, self.identity, self.precision, None, dict(self.meta))
+        items = {n: _take(t, index) for n, t in self.items.items()}
+        return type(self)(items, self.identity, self.precision, None, dict(self.meta), {}, _select_vectors(self, index))
 
     def check(self, where: str) -> None:
         """The structure every gallery has (``InputError`` naming ``where`` and the problem):
@@ -93,6 +96,11 @@ class Gallery:
             raise InputError(f"{where} holds no images")
         if self.kind == "images" and (self.lengths is not None or self.offsets):
             raise InputError(f"{where} holds caption lengths or offsets; an image gallery has image_* tensors only")
+        vectors = self.vectors
+        if vectors is not None and (not isinstance(vectors, torch.Tensor) or vectors.dtype != torch.float32
+                                    or vectors.dim() != 2 or vectors.size(0) != len(self) or vectors.size(1) < 1):
+            raise InputError(f"{where}: its prefilter vectors must be float32 [{len(self)}, G] (one per item), got "
+                             f"{getattr(vectors, 'dtype', type(vectors).__name__)} {list(getattr(vectors, 'shape', []))}")
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the gallery to directory ``path``: built beside it and swapped in atomically.
@@ -107,6 +115,8 @@ class Gallery:
             entries = {}
             extra = {} if self.lengths is None else {"lengths": self.lengths}
             extra.update({f"offsets_{a}": offsets for a, offsets in self.offsets.items()})
+            if self.vectors is not None:
+                extra[VECTORS] = self.vectors
             for name, tensor in {**self.items, **extra}.items():
                 file = work / f"{name}.npy"
                 np.save(file, tensor.detach().cpu().numpy())
@@ -149,6 +159,7 @@ class Gallery:
             integer = name == "lengths" or name.startswith("offsets_")
             tensors[name] = _read_npy(file, np.dtype(np.int64 if integer else np.float32), mmap)
         lengths = tensors.pop("lengths", None)
+        vectors = tensors.pop(VECTORS, None)
         offsets = {}
         for name in [n for n in tensors if n.startswith("offsets_")]:
             axes = name.removeprefix("offsets_")
@@ -156,11 +167,11 @@ class Gallery:
                 raise InputError(f"{header_path}: unknown tensor {name} (offsets are offsets_1 and offsets_2)")
             offsets[int(axes)] = tensors.pop(name)
         gallery = GALLERY_KINDS[header["kind"]](tensors, header["identity"], header["precision"], lengths,
-                                                header["meta"], offsets)
+                                                header["meta"], offsets, vectors)
         gallery.check(f"gallery {path}")
         if len(gallery) != header["count"]:
             raise InputError(f"gallery {path} holds {len(gallery)} items, its header says {header['count']}")
-        for name, tensor in gallery.items.items():
+        for name, tensor in {**gallery.items, **({} if vectors is None else {VECTORS: vectors})}.items():
             if not all(torch.isfinite(chunk).all() for chunk in tensor.reshape(-1).split(FINITE_CHUNK)):
                 raise InputError(f"gallery {path}: {name} holds NaN or Inf values (an encoder never makes them)")
         return gallery
@@ -369,7 +380,9 @@ class TextGallery(Gallery):
     def select(self, index: np.ndarray | list[int]) -> TextGallery:
         index = _index(index, len(self))
         padded = self.block(index, int(self.lengths[index].max()), self.device)
-        return TextGallery.from_padded(padded, self.lengths[index], self.identity, self.precision, self.length_axes)
+        selected = TextGallery.from_padded(padded, self.lengths[index], self.identity, self.precision, self.length_axes)
+        selected.vectors = _select_vectors(self, index)
+        return selected
 
 
 def concat(galleries: list[Gallery]) -> Any:
@@ -378,14 +391,29 @@ def concat(galleries: list[Gallery]) -> Any:
     if len(galleries) == 1:
         return first
     items = {name: torch.cat([g.items[name] for g in galleries]) for name in first.items}
+    with_vectors = all(g.vectors is not None for g in galleries)
+    vectors = torch.cat([g.vectors for g in galleries]) if with_vectors else None  # type: ignore[misc]
     if not isinstance(first, TextGallery):
-        return type(first)(items, first.identity, first.precision)
+        return type(first)(items, first.identity, first.precision, vectors=vectors)
     offsets = {}
     for axes in first.offsets:
         shift = torch.cumsum(torch.tensor([0] + [int((g.lengths ** axes).sum()) for g in galleries[:-1]]), 0)
         offsets[axes] = torch.cat([g.offsets[axes] + s for g, s in zip(galleries, shift.tolist())])
     return TextGallery(items, first.identity, first.precision, torch.cat([g.lengths for g in galleries]),
-                       dict(first.meta), offsets)
+                       dict(first.meta), offsets, vectors)
+
+
+def _select_vectors(gallery: Gallery, index: torch.Tensor) -> torch.Tensor | None:
+    return None if gallery.vectors is None else _take(gallery.vectors, index)
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``tensor``. On a CPU through numpy, on one thread: torch's parallel
+    gather of a few hundred rows waits about 8 ms for threads an inference session keeps busy
+    (measured beside ONNX Runtime on 2 cores), a copy on one thread takes microseconds."""
+    if tensor.device.type != "cpu":
+        return tensor.index_select(0, index.to(tensor.device))
+    return torch.from_numpy(np.take(tensor.numpy(), index.numpy(), axis=0))
 
 
 def _valid(lengths: torch.Tensor, length: int, axes: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Captions are sorted by length and grouped; each group is one column block, padded only to
 its own longest caption, and sized so that the largest per-pair intermediate (pairs x
 tokens x 2D floats, IMRAM's memory input) fits the memory budget at that length — short
-captions get wider blocks. Images are cut into row blocks of a fixed size. Every block also
+captions get wider blocks. Images are cut into row blocks of a fixed size: square blocks'
+rows, or more when few captions leave budget over (a single caption against a gallery). Every block also
 stays inside the backend's limits (a TensorRT engine's optimisation profile).
 """
 
@@ -96,7 +97,9 @@ def plan_blocks(n_images: int, lengths: np.ndarray, regions: int, dim: int, budg
         return Plan(1, [], n_images)
     longest = int(lengths.max())
     pairs_at_longest = max(1, budget // pair_elements(regions, longest, dim))
-    image_block = _cap(min(n_images, int(pairs_at_longest ** 0.5)), limits.images)
+    # square blocks, or as many images as the budget leaves when there are few captions (one query)
+    rows = max(int(pairs_at_longest ** 0.5), pairs_at_longest // len(lengths))
+    image_block = _cap(min(n_images, rows), limits.images)
     order = np.argsort(lengths, kind="stable") if bucketed else np.arange(len(lengths))
     groups, start = [], 0
     while start < len(order):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from xmr.errors import InputError
-from xmr.export.graphs import LENGTH
+from xmr.export.graphs import GLOBAL_OUTPUTS, IMAGE_GLOBAL, LENGTH, split_global
 from xmr.progress import progress
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.backends import Backend, Prepared, create_backend
@@ -35,6 +35,7 @@ from xmr.runtime.inputs import (
     Tokens, as_features, as_tokens, caption_cap, limit_length, positive_int, tokenize_captions,
 )
 from xmr.runtime.schedule import Plan, computed_tokens, default_budget, plan_blocks
+from xmr.runtime.shortlist import candidate_groups, top_candidates
 
 log = logging.getLogger("xmr.runtime")
 
@@ -54,11 +55,13 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """A checked search: the encoded query (captions for images, images for captions), the gallery, k."""
+    """A checked search: the encoded query (captions for images, images for captions), the
+    gallery, k, and the prefilter's shortlist per query (None: every gallery item)."""
 
     query: Gallery
     gallery: Gallery
     k: int
+    shortlist: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,14 @@ class Scorer:
         self.block_budget = block_budget
         self._lock = threading.RLock()  # one launch sequence at a time on the backend
         self._counters = {"pairs_scored": 0, "launches": 0, "real_tokens": 0, "computed_tokens": 0}
-        text_outputs = artifacts.outputs("text_encoder")
+        image_outputs = [t for t in artifacts.outputs("image_encoder") if t.name not in GLOBAL_OUTPUTS]
+        text_outputs = [t for t in artifacts.outputs("text_encoder") if t.name not in GLOBAL_OUTPUTS]
         self._length_axes = {t.name: [i for i, d in enumerate(t.shape) if d == LENGTH] for t in text_outputs}
         self._gallery_tensors = {  # what a gallery for this scorer holds: dtype and dims after the item (and length) axes
-            "images": {t.name: (t.dtype, t.shape[1:]) for t in artifacts.outputs("image_encoder")},
+            "images": {t.name: (t.dtype, t.shape[1:]) for t in image_outputs},
             "texts": {t.name: (t.dtype, [d for d in t.shape[1:] if d != LENGTH]) for t in text_outputs}}
+        heads = [t.shape[1] for t in artifacts.outputs("image_encoder") if t.name == IMAGE_GLOBAL]
+        self.prefilter_dim: int | None = heads[0] if heads else None  # the prefilter head's vectors (None: no head)
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "auto", precision: str = "fp32", device: str | None = None,
@@ -154,9 +160,11 @@ class Scorer:
         if isinstance(features, Gallery):
             return self._own(features, ImageGallery, "encode_images")  # type: ignore[return-value]
         array = as_features(features, self.artifacts.regions, self.artifacts.config["img_dim"], single=True)
-        launches = list(self._encode(array, None, torch.arange(array.size(0)), "encode images", show_progress))
-        items = {name: torch.cat([result[name] for _, result in launches]) for name in launches[0][1]}
-        return ImageGallery(items, self.artifacts.identity, self.precision)
+        launches = [split_global(result) for _, result in
+                    self._encode(array, None, torch.arange(array.size(0)), "encode images", show_progress)]
+        items = {name: torch.cat([prepared[name] for prepared, _ in launches]) for name in launches[0][0]}
+        vectors = torch.cat([v for _, v in launches]) if launches[0][1] is not None else None  # type: ignore[misc]
+        return ImageGallery(items, self.artifacts.identity, self.precision, vectors=vectors)
 
     def encode_texts(self, captions: Captions, show_progress: bool = False) -> TextGallery:
         """Raw captions (tokenised with the model's vocabulary), or ``(ids, lengths)`` -> a caption gallery."""
@@ -164,12 +172,19 @@ class Scorer:
             return self._own(captions, TextGallery, "encode_texts")  # type: ignore[return-value]
         tokens = self._tokens(captions)
         order = torch.argsort(tokens.lengths, stable=True)  # launches of similar lengths pad little
-        parts = [TextGallery.from_padded(result, tokens.lengths[index], self.artifacts.identity, self.precision,
-                                         self._length_axes)
-                 for index, result in self._encode(tokens.ids, tokens.lengths, order, "encode captions", show_progress)]
-        packed = concat(parts)  # in launch order: put each caption's offsets back in input order
+        parts = []
+        for index, result in self._encode(tokens.ids, tokens.lengths, order, "encode captions", show_progress):
+            prepared, vectors = split_global(result)
+            part = TextGallery.from_padded(prepared, tokens.lengths[index], self.artifacts.identity, self.precision,
+                                           self._length_axes)
+            part.vectors = vectors
+            parts.append(part)
+        packed = concat(parts)  # in launch order: put each caption's offsets (and vectors) back in input order
         offsets = {a: torch.empty_like(o).index_copy_(0, order, o) for a, o in packed.offsets.items()}
-        return TextGallery(packed.items, packed.identity, packed.precision, tokens.lengths.clone(), packed.meta, offsets)
+        vectors = None if packed.vectors is None else torch.empty_like(packed.vectors).index_copy_(
+            0, order.to(packed.vectors.device), packed.vectors)
+        return TextGallery(packed.items, packed.identity, packed.precision, tokens.lengths.clone(), packed.meta, offsets,
+                           vectors)
 
     def load_gallery(self, path: str | Path) -> Gallery:
         """A gallery saved with ``gallery.save(path)``, checked against this model, on the backend's device."""
@@ -234,6 +249,10 @@ class Scorer:
                 raise InputError(f"this {gallery.kind} gallery's {name} is {str(tensor.dtype).removeprefix('torch.')} "
                                  f"[n, {', '.join(map(str, got))}], {model} makes {dtype} [n, {', '.join(map(str, dims))}]: "
                                  f"it was encoded by another model; re-encode it")
+        if gallery.vectors is not None and gallery.vectors.size(1) != self.prefilter_dim:
+            head = f"a {self.prefilter_dim}-d prefilter head" if self.prefilter_dim else "no prefilter head"
+            raise InputError(f"this {gallery.kind} gallery holds {gallery.vectors.size(1)}-d prefilter vectors, "
+                             f"{model} has {head}: it was encoded by another model; re-encode it")
         if isinstance(gallery, TextGallery):
             if gallery.length_axes != self._length_axes:
                 raise InputError(f"this texts gallery's length axes {gallery.length_axes} are not {model}'s "
@@ -282,29 +301,68 @@ class Scorer:
             self._counters["computed_tokens"] += computed_tokens(plan.groups) * plan.n_images
         return out
 
-    def search(self, query: Images | Captions, gallery: Gallery, k: int = 10) -> SearchResult:
+    def search(self, query: Images | Captions, gallery: Gallery, k: int = 10,
+               shortlist: int | None = None) -> SearchResult:
         """Top-``k`` gallery items per query: captions against an ``ImageGallery`` (text -> image),
-        images against a ``TextGallery`` (image -> text)."""
-        return self.run_search(self.search_request(query, gallery, k))
+        images against a ``TextGallery`` (image -> text), by the cross-attention score.
 
-    def search_request(self, query: Images | Captions, gallery: Gallery, k: int) -> SearchRequest:
+        ``shortlist=K``: two-stage search. The prefilter head's vectors rank the whole
+        gallery, and only each query's ``K`` best are scored by cross-attention (so at most
+        ``K`` results; the scores are the model's own, as exhaustive search's up to the float
+        rounding of other block shapes, about 1e-6). ``K >= len(gallery)`` is exhaustive search. Needs artifacts with a prefilter
+        head (``xmr train`` makes one, ``xmr distill`` adds one) and galleries they encoded."""
+        return self.run_search(self.search_request(query, gallery, k, shortlist))
+
+    def search_request(self, query: Images | Captions, gallery: Gallery, k: int,
+                       shortlist: int | None = None) -> SearchRequest:
         """``search``'s input checked and its query encoded (an ``InputError`` if anything is wrong)."""
         k = positive_int(k, "k")
+        if shortlist is not None:
+            shortlist = positive_int(shortlist, "shortlist (gallery items rescored per query)")
+            if self.prefilter_dim is None:
+                raise InputError(f"shortlist needs a prefilter head, and these {self.artifacts.kind} artifacts have "
+                                 f"none; add one with `xmr distill CHECKPOINT` and re-export, or search with "
+                                 f"shortlist=None (exhaustive)")
         if isinstance(gallery, ImageGallery):
             encoded = self._gallery(query, TextGallery, "search's query against an ImageGallery")
         elif isinstance(gallery, TextGallery):
             encoded = self._gallery(query, ImageGallery, "search's query against a TextGallery")
         else:
             raise InputError(f"search needs an ImageGallery or TextGallery to search, got {_describe(gallery)}")
-        return SearchRequest(encoded, self._own(gallery, Gallery, "search's gallery"), k)
+        gallery = self._own(gallery, Gallery, "search's gallery")
+        if shortlist is not None and (gallery.vectors is None or encoded.vectors is None):
+            which = "gallery" if gallery.vectors is None else "query"
+            raise InputError(f"shortlist needs prefilter vectors, and this search's {which} has none (encoded by "
+                             f"artifacts without a prefilter head); re-encode it with this scorer")
+        return SearchRequest(encoded, gallery, k, shortlist)
 
     def run_search(self, request: SearchRequest) -> SearchResult:
-        """The top-k of a checked request (``search_request``)."""
+        """The top-k of a checked request (``search_request``): exhaustive, or over each
+        query's shortlist (``shortlisted``)."""
+        if request.shortlist is not None and request.shortlist < len(request.gallery):
+            return top_k_of(*self.shortlisted(request.query, request.gallery, request.shortlist), request.k)
         if isinstance(request.gallery, ImageGallery):
             scores = self._score(request.gallery, request.query).T  # type: ignore[arg-type]  # (queries, images)
         else:
             scores = self._score(request.query, request.gallery)  # type: ignore[arg-type]  # (queries, captions)
         return top_k(scores, request.k)
+
+    def shortlisted(self, query: Gallery, gallery: Gallery, shortlist: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's ``shortlist`` best gallery items by the prefilter (int64 ``[Q, K]``,
+        ascending) and their cross-attention scores (float32 ``[Q, K]``), for checked galleries
+        with vectors. Queries whose candidates overlap share ``score`` calls
+        (``shortlist.candidate_groups``)."""
+        candidates = top_candidates(query.vectors, gallery.vectors, shortlist)  # type: ignore[arg-type]
+        scores = np.empty(candidates.shape, dtype=np.float32)
+        for queries, union in candidate_groups(candidates):
+            whole = len(queries) == len(query) and bool((queries == np.arange(len(query))).all())
+            asked = query if whole else query.select(queries)  # a lone query is asked as it is
+            if isinstance(gallery, ImageGallery):  # text -> image: rows images, columns the query captions
+                block = self._score(gallery.select(union), asked).T  # type: ignore[arg-type]
+            else:
+                block = self._score(asked, gallery.select(union))  # type: ignore[arg-type]
+            scores[queries] = np.take_along_axis(block, np.searchsorted(union, candidates[queries]), axis=1)
+        return candidates, scores
 
     def score_pairs(self, images: Images, texts: Captions, pairs: object) -> np.ndarray:
         """Scores of arbitrary ``(image index, caption index)`` pairs, ``[n_pairs]`` float32."""
@@ -355,9 +413,14 @@ class Scorer:
 
 def top_k(scores: np.ndarray, k: int) -> SearchResult:
     """Best ``k`` columns of each row, best first (ties: lower index first)."""
+    return top_k_of(np.broadcast_to(np.arange(scores.shape[1]), scores.shape), scores, k)
+
+
+def top_k_of(indices: np.ndarray, scores: np.ndarray, k: int) -> SearchResult:
+    """Best ``k`` of each row's ``indices`` (ascending) by ``scores``, best first (ties: lower index first)."""
     k = min(k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return SearchResult(order, np.take_along_axis(scores, order, axis=1))
+    return SearchResult(np.take_along_axis(indices, order, axis=1), np.take_along_axis(scores, order, axis=1))
 
 
 def check_pairs(pairs: object, n_images: int, n_captions: int) -> np.ndarray:

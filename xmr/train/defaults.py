@@ -1,7 +1,8 @@
 """The pipeline behind the ``xmr`` commands, as library calls with the commands' parameter names.
 
 ``xmr train`` is ``train_model``, ``xmr eval`` is ``evaluate_checkpoint``, ``xmr export`` is
-``export_checkpoint`` and ``xmr calibrate`` is ``calibrate_model`` (``xmr data synth`` is
+``export_checkpoint``, ``xmr calibrate`` is ``calibrate_model`` and ``xmr distill`` is
+``distill_checkpoint`` (``xmr data synth`` is
 ``xmr.data.write_synthetic``, ``xmr import-checkpoint`` is
 ``xmr.models.authors.convert_authors_checkpoint``). What a command does when an input is not
 given is here too, and makes it only when it is missing:
@@ -18,6 +19,7 @@ below it imports it.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,20 +28,24 @@ import torch
 
 from xmr.calibration.calibrate import DEFAULT_TARGET, calibrate_artifacts
 from xmr.calibration.config import CalibrationConfig
-from xmr.config import save_json
+from xmr.config import check_int, save_json
 from xmr.data import DEFAULT_DATA, SynthConfig, Vocabulary, find_vocab, load_split, write_synthetic
 from xmr.errors import CheckpointError, ConfigError, ExportError, MissingFileError
-from xmr.eval import EVAL_FORMAT, EvalResult, evaluate, is_eval_json
+from xmr.eval import EVAL_FORMAT, EvalResult, evaluate, is_eval_json, model_scorer
+from xmr.eval.shortlist import ShortlistResult, evaluate_shortlist
 from xmr.export.artifacts import check_export_options, export_artifacts, is_artifact_directory
 from xmr.export.manifest import MANIFEST
 from xmr.export.onnx_export import OPSET
 from xmr.export.precision import PRECISIONS as GRAPH_PRECISIONS
 from xmr.export.tensorrt import BuildOptions, ProfileShapes
 from xmr.models import build_model, load_checkpoint, make_config
+from xmr.models.authors import check_output_is_not_input
+from xmr.models.checkpoint import is_checkpoint_file
 from xmr.models.config import SIZES
 from xmr.models.registry import config_class
 from xmr.outputs import check_output_dir, check_output_file
 from xmr.progress import console
+from xmr.train.distill import DistillConfig, distill
 from xmr.train.trainer import BEST, TrainConfig, is_run_directory, train
 
 PRECISIONS = (*GRAPH_PRECISIONS, "int8")  # what `xmr export --precision` takes (int8: through calibration)
@@ -66,9 +72,10 @@ class TrainedRun:
 def train_model(model: str, data: Path = DEFAULT_DATA, out: Optional[Path] = None, vocab: Optional[Path] = None,
                 size: str = "small", embed_size: Optional[int] = None, word_dim: Optional[int] = None,
                 mode: str = "full", steps: int = 3, config: Optional[TrainConfig] = None, overwrite: bool = False,
-                show_progress: bool = True) -> TrainedRun:
-    """``xmr train``: a fresh ``model`` of ``size`` (``embed_size``/``word_dim`` override it;
-    ``mode`` and ``steps`` are IMRAM's) trained with ``config`` on ``data``'s train split,
+                show_progress: bool = True, global_dim: Optional[int] = None) -> TrainedRun:
+    """``xmr train``: a fresh ``model`` of ``size`` (``embed_size``/``word_dim``/``global_dim``
+    override it; ``global_dim`` is the prefilter head's, cross-attention models only, 0 for
+    none; ``mode`` and ``steps`` are IMRAM's) trained with ``config`` on ``data``'s train split,
     the best dev-rsum checkpoint kept in ``out`` (default ``runs/MODEL``). The vocabulary is
     ``vocab``, else the one in ``data``. ``out`` is checked before the data is read."""
     config_class(model)  # an unknown kind fails first, naming the registered ones
@@ -81,14 +88,49 @@ def train_model(model: str, data: Path = DEFAULT_DATA, out: Optional[Path] = Non
     vocabulary = Vocabulary.load(vocab or find_vocab(data))
     train_split = load_split(data, "train", vocabulary)
     dev_split = load_split(data, "dev", vocabulary)
-    dims = {**SIZES[size], **({"embed_size": embed_size} if embed_size is not None else {}),
-            **({"word_dim": word_dim} if word_dim is not None else {})}
+    given = {"embed_size": embed_size, "word_dim": word_dim, "global_dim": global_dim}
+    dims = {**SIZES[size], **{name: value for name, value in given.items() if value is not None}}
+    if not config_class(model).CROSS_ATTENTION and global_dim is None:
+        dims["global_dim"] = 0  # the sizes' heads are for the cross-attention models
     extra = {"mode": mode, "steps": steps} if model == "imram" else {}
     torch.manual_seed(config.seed)  # the seed decides the initial weights too: the same options, the same run
     net = build_model(make_config(model, vocab_size=len(vocabulary), img_dim=train_split.img_dim, **dims, **extra),
                       vocabulary)
     log = train(net, train_split, dev_split, config, out, show_progress=show_progress, overwrite=overwrite)
     return TrainedRun(out / BEST, log)
+
+
+def distilled_path(checkpoint: Path) -> Path:
+    """Where ``xmr distill CKPT`` writes by default: ``CKPT``'s name with ``.prefilter`` before the suffix."""
+    return checkpoint.with_name(f"{checkpoint.stem}.prefilter{checkpoint.suffix or '.pt'}")
+
+
+@dataclass(frozen=True)
+class DistilledRun:
+    """What ``distill_checkpoint`` wrote: the checkpoint with its new head and the distillation log."""
+
+    checkpoint: Path
+    log: dict[str, Any]
+
+
+def distill_checkpoint(checkpoint: Path, data: Path = DEFAULT_DATA, out: Optional[Path] = None,
+                       config: Optional[DistillConfig] = None, overwrite: bool = False,
+                       show_progress: bool = True) -> DistilledRun:
+    """``xmr distill``: ``checkpoint`` with new prefilter heads trained on ``data``'s train
+    split against its own cross-attention scores (``xmr.train.distill``), written to ``out``
+    (default ``distilled_path(checkpoint)``; never the input itself, checked before any work)."""
+    config = config or DistillConfig()
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else distilled_path(checkpoint)
+    check_output_is_not_input(checkpoint, out, "being distilled", "it")
+    check_output_file(out, is_checkpoint_file, overwrite, "--out")
+    net = load_checkpoint(checkpoint, map_location=config.device)
+    if net.vocab is None:
+        raise CheckpointError(f"{checkpoint} holds no vocabulary to read the captions of {data} with")
+    train_split, dev_split = load_split(data, "train", net.vocab), load_split(data, "dev", net.vocab)
+    metadata = {**net.checkpoint_metadata, "distilled_from": {"file": str(checkpoint), "sha256": net.checkpoint_sha256}}
+    log = distill(net, train_split, dev_split, config, out, show_progress=show_progress, metadata=metadata)
+    return DistilledRun(out, log)
 
 
 def _has_dataset(data: Path) -> bool:
@@ -129,29 +171,55 @@ def ensure_checkpoint(model: str, data: Path = DEFAULT_DATA, out: Optional[Path]
 
 @dataclass(frozen=True)
 class CheckpointEval:
-    """What ``evaluate_checkpoint`` measured: the model kind and its recall."""
+    """What ``evaluate_checkpoint`` measured: the model kind and its recall (exhaustive, or with
+    a shortlist; ``exhaustive_seconds`` when both were measured)."""
 
     kind: str
-    result: EvalResult
+    result: EvalResult | None
+    shortlist: ShortlistResult | None = None
+    exhaustive_seconds: float | None = None
 
 
 def evaluate_checkpoint(checkpoint: Path, data: Path = DEFAULT_DATA, split: str = "test", fold5: bool = False,
                         vocab: Optional[Path] = None, device: str = "cpu", json_out: Optional[Path] = None,
-                        overwrite: bool = False, show_progress: bool = True) -> CheckpointEval:
+                        overwrite: bool = False, show_progress: bool = True, shortlist: Optional[int] = None,
+                        compare: bool = False) -> CheckpointEval:
     """``xmr eval``: recall of ``checkpoint`` on ``data``'s ``split`` (COCO's 5-fold 1K with
     ``fold5``), tokenised with ``vocab`` (default: the checkpoint's), written to ``json_out``
-    too when given (checked before any work)."""
+    too when given (checked before any work). ``shortlist=K``: the two-stage protocol
+    (``xmr.eval.shortlist``) instead, and exhaustive recall beside it with ``compare``."""
+    if shortlist is not None:
+        check_int("xmr eval", "--shortlist", shortlist, 1)
+        if fold5:
+            raise ConfigError("--shortlist evaluates a whole split; it does not take --fold5")
+    elif compare:
+        raise ConfigError("--compare puts exhaustive recall beside a shortlist's; give --shortlist K too")
     if json_out is not None:
         check_output_file(json_out, is_eval_json, overwrite, "--json")
     net = load_checkpoint(checkpoint, map_location=device)
     vocabulary = Vocabulary.load(vocab) if vocab else net.vocab
     if vocabulary is None:
         raise CheckpointError(f"{checkpoint} holds no vocabulary; pass --vocab")
-    result = evaluate(net, load_split(data, split, vocabulary), fold5=fold5, show_progress=show_progress)
+    if shortlist is not None and net.prefilter is None:
+        raise CheckpointError(f"{checkpoint} has no prefilter head, which --shortlist needs; add one with "
+                              f"`xmr distill {checkpoint}`")
+    data_split = load_split(data, split, vocabulary)
+    result, short, seconds = None, None, None
+    if shortlist is None or compare:
+        started = time.perf_counter()
+        result = evaluate(net, data_split, fold5=fold5, show_progress=show_progress)
+        seconds = time.perf_counter() - started
+    if shortlist is not None:
+        data_split.check_fits(net.config)
+        scorer = model_scorer(net, data_split)
+        with console.status(f"scoring a {shortlist}-item shortlist per query") if show_progress else contextlib.nullcontext():
+            short = evaluate_shortlist(scorer, data_split, shortlist)
     if json_out is not None:
         save_json({"format": EVAL_FORMAT, "checkpoint": str(checkpoint), "split": split, "fold5": fold5,
-                   **result.to_dict()}, json_out)
-    return CheckpointEval(net.kind, result)
+                   **(result.to_dict() if result is not None else {}),
+                   **({"shortlist": short.to_dict(), "exhaustive_seconds": seconds} if short is not None else {})},
+                  json_out)
+    return CheckpointEval(net.kind, result, short, seconds if short is not None else None)
 
 
 def export_checkpoint(model: str, checkpoint: Optional[Path] = None, out: Optional[Path] = None,

@@ -5,6 +5,12 @@ model's loss is computed on the B x B score matrix (diagonal = matching pairs), 
 negatives for ``warmup_epochs`` and on the hardest negatives after that (both are the
 authors' loss variants). After each epoch the dev split is evaluated and the best-rsum
 checkpoint is kept.
+
+A model with prefilter heads trains them beside its own loss (``prefilter_weight`` x the
+contrastive loss of their vectors, on detached embeddings and clipped apart: the
+cross-attention weights follow exactly the run without heads), then the best checkpoint's
+heads are refined for ``prefilter_epochs`` on its frozen encoders with the model as teacher
+(``xmr.train.distill``).
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from xmr.device import resolve_device
 from xmr.errors import TrainingError
 from xmr.eval.evaluate import evaluate
 from xmr.models.base import RetrievalModel
-from xmr.models.checkpoint import save_checkpoint
+from xmr.models.checkpoint import load_checkpoint, save_checkpoint
+from xmr.models.losses import contrastive_loss
 from xmr.outputs import check_output_dir
 from xmr.progress import console, progress
+from xmr.train.distill import DistillConfig, distill
 
 BEST = "checkpoint.pt"
 LAST = "last.pt"
@@ -49,6 +57,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     max_steps: int = 0  # stop after this many steps (0: no limit); for smoke runs
+    prefilter_weight: float = 1.0  # weight of the prefilter heads' contrastive loss (models with heads)
+    prefilter_epochs: int = 10  # then the best checkpoint's heads are refined on its frozen encoders (``distill``)
 
     def __post_init__(self) -> None:
         """Every field checked up front (``ConfigError`` naming it and its range; a CUDA
@@ -63,6 +73,8 @@ class TrainConfig:
         check_int(owner, "warmup_epochs", self.warmup_epochs, 0)
         check_int(owner, "seed", self.seed, 0, 2**63 - 1)
         check_int(owner, "max_steps", self.max_steps, 0)
+        check_float(owner, "prefilter_weight", self.prefilter_weight, 0.0)
+        check_int(owner, "prefilter_epochs", self.prefilter_epochs, 0)
         resolve_device(self.device)
 
 
@@ -82,14 +94,21 @@ def train_step(model: RetrievalModel, optimizer: torch.optim.Optimizer, split: P
     device = resolve_device(cfg.device)
     images = split.image_batch([split.image_of_caption(int(c)) for c in captions]).to(device)
     ids, lengths = split.caption_batch(captions)
-    scores = model.similarity(images, ids.to(device), lengths.to(device))  # (B, B)
-    loss = model.loss(scores, hardest)
+    ids, lengths = ids.to(device), lengths.to(device)
+    img_emb, cap_emb = model.encode_images(images), model.encode_texts(ids, lengths)
+    loss = model.loss(model.score(img_emb, cap_emb, lengths), hardest)  # (B, B) scores
+    if model.prefilter is not None and cfg.prefilter_weight:  # detached: the heads' loss never reaches the encoders
+        loss = loss + cfg.prefilter_weight * contrastive_loss(model.global_images(img_emb.detach()),
+                                                              model.global_texts(cap_emb.detach(), lengths))
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {float(loss.detach())}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if cfg.grad_clip > 0:  # the heads apart: their gradients do not change how the rest is clipped
+        heads = set(model.prefilter.parameters()) if model.prefilter is not None else set()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p not in heads], cfg.grad_clip)
+        if heads:
+            torch.nn.utils.clip_grad_norm_(list(heads), cfg.grad_clip)
     optimizer.step()
     return float(loss.detach())
 
@@ -177,6 +196,11 @@ def train(model: RetrievalModel, train_split: PrecompSplit, dev_split: PrecompSp
             save_json(log, out / LOG)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
+    if model.prefilter is not None and cfg.prefilter_epochs:
+        best = load_checkpoint(out / BEST, map_location=cfg.device)
+        log["prefilter"] = distill(best, train_split, dev_split,
+                                   DistillConfig(epochs=cfg.prefilter_epochs, seed=cfg.seed, device=cfg.device),
+                                   out / BEST, show_progress, best.checkpoint_metadata, new_heads=False)
     log.update(best_dev_rsum=best_rsum, seconds=time.perf_counter() - started)
     save_json(log, out / LOG)
     model.eval()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from xmr.errors import BackendUnavailableError
-from xmr.export.graphs import PreparedIO
+from xmr.export.graphs import IMAGE_GLOBAL, TEXT_GLOBAL, PreparedIO
 from xmr.models.base import RetrievalModel
 from xmr.models.checkpoint import load_checkpoint
 from xmr.runtime.artifacts import Artifacts
@@ -69,13 +69,19 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def encode_images(self, features: torch.Tensor) -> Prepared:
-        prepared = self.model.prepare_images(self.model.encode_images(features.to(self.dtype)))
-        return {name: t.float() for name, t in self.io.to_graph_images(prepared).items()}
+        regions = self.model.encode_images(features.to(self.dtype))
+        outputs = self.io.to_graph_images(self.model.prepare_images(regions))
+        if self.model.prefilter is not None:
+            outputs[IMAGE_GLOBAL] = self.model.global_images(regions)
+        return {name: t.float() for name, t in outputs.items()}
 
     @torch.no_grad()
     def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor) -> Prepared:
-        prepared = self.model.prepare_texts(self.model.encode_texts(ids, lengths).to(self.dtype), lengths)
-        return {name: t.float() for name, t in self.io.to_graph_texts(prepared).items()}
+        words = self.model.encode_texts(ids, lengths).to(self.dtype)
+        outputs = self.io.to_graph_texts(self.model.prepare_texts(words, lengths))
+        if self.model.prefilter is not None:
+            outputs[TEXT_GLOBAL] = self.model.global_texts(words, lengths)
+        return {name: t.float() for name, t in outputs.items()}
 
     @torch.no_grad()
     def score(self, images: Prepared, texts: Prepared, lengths: torch.Tensor) -> torch.Tensor:
