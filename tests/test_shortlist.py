@@ -264,7 +264,7 @@ def test_distill_improves_the_prefilter_over_the_untrained_head_and_keeps_the_mo
     before, after = run.log["before"], run.log["dev"]  # recall@1, 8, 32, 128 both ways on 40 dev images
     assert after["t2i@8"] > before["t2i@8"] + 20 and after["i2t@8"] > before["i2t@8"] + 20, (before, after)
     original, distilled = load_checkpoint(source), load_checkpoint(run.checkpoint)
-    assert distilled.config.global_dim == HEAD and original.prefilter is None
+    assert distilled.config.global_dim == 16 and original.prefilter is None
     for name, tensor in original.state_dict().items():
         assert torch.equal(tensor, distilled.state_dict()[name]), name
     assert distilled.checkpoint_metadata["distilled_from"]["sha256"] == original.checkpoint_sha256

@@ -105,10 +105,11 @@ def train_step(model: RetrievalModel, optimizer: torch.optim.Optimizer, split: P
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:  # the heads apart: their gradients do not change how the rest is clipped
-        heads = set(model.prefilter.parameters()) if model.prefilter is not None else set()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p not in heads], cfg.grad_clip)
+        heads = list(model.prefilter.parameters()) if model.prefilter is not None else []  # in module order:
+        head_ids = {id(p) for p in heads}  # the norm's sum, so the run, does not depend on a set's order
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if id(p) not in head_ids], cfg.grad_clip)
         if heads:
-            torch.nn.utils.clip_grad_norm_(list(heads), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(heads, cfg.grad_clip)
     optimizer.step()
     return float(loss.detach())
 
