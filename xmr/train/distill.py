@@ -113,14 +113,13 @@ def listwise_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     return torch.nn.functional.kl_div(torch.log_softmax(student / TEMPERATURE, dim=1), target, reduction="batchmean")
 
 
-def distill_step(model: RetrievalModel, heads: PrefilterHeads, optimizer: torch.optim.Optimizer, encoded: EncodedSplit,
+def distill_step(model: RetrievalModel, optimizer: torch.optim.Optimizer, encoded: EncodedSplit,
                  images: np.ndarray, captions: np.ndarray, cfg: DistillConfig) -> float:
     regions = encoded.regions[torch.from_numpy(images).to(encoded.regions.device)]
     index = torch.from_numpy(captions).to(encoded.words.device)
     lengths = encoded.lengths[index]
     words = encoded.words[index][:, : int(lengths.max())]
-    image_vectors = heads.images(regions)
-    text_vectors = heads.texts(words, torch.arange(words.size(1), device=words.device)[None, :] < lengths[:, None])
+    image_vectors, text_vectors = model.global_images(regions), model.global_texts(words, lengths)
     similarities = image_vectors @ text_vectors.T
     loss = contrastive_loss(image_vectors, text_vectors)
     if cfg.kl_weight:
@@ -199,7 +198,7 @@ def distill(model: RetrievalModel, train_split: PrecompSplit, dev_split: Precomp
             heads.train()
             losses = []
             for images, captions in batches:
-                losses.append(distill_step(model, heads, optimizer, encoded, images, captions, cfg))
+                losses.append(distill_step(model, optimizer, encoded, images, captions, cfg))
                 step += 1
                 bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
                 if cfg.max_steps and step >= cfg.max_steps:
