@@ -25,7 +25,7 @@ from rich.table import Table
 from results import artifacts_for, write_results
 from xmr.data import DEFAULT_DATA, load_split
 from xmr.eval import recall_report
-from xmr.eval.shortlist import encode_split, shortlist_recall
+from xmr.eval.shortlist import shortlist_recall, split_galleries
 from xmr.models.checkpoint import load_checkpoint
 from xmr.runtime import Scorer
 
@@ -37,7 +37,7 @@ def curve(checkpoint: Path, data: Path, split_name: str, ks: tuple[int, ...], ba
     model = load_checkpoint(checkpoint)
     split = load_split(data, split_name, model.vocab)
     scorer = Scorer.load(artifacts_for(checkpoint, root), backend=backend, device="cpu")
-    images, texts = encode_split(scorer, split)
+    images, texts = split_galleries(scorer, split)
     started = time.perf_counter()
     exhaustive = recall_report(scorer.score(images, texts), split.per_image)
     exhaustive_seconds = time.perf_counter() - started

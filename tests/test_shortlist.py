@@ -1,5 +1,7 @@
 """Two-stage retrieval: prefilter heads (trained, distilled, exported), shortlist search and its evaluation."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,8 @@ from xmr.export.graphs import IMAGE_GLOBAL, TEXT_GLOBAL
 from xmr.models import build_model, load_checkpoint, make_config
 from xmr.models.checkpoint import save_checkpoint
 from xmr.runtime import BatchedScorer, BatcherConfig, Scorer
-from xmr.runtime.gallery import Gallery
+from xmr.paths import file_sha256
+from xmr.runtime.gallery import Gallery, _digest
 from xmr.runtime.shortlist import UNION_FACTOR, candidate_groups, top_candidates
 from xmr.train import TrainConfig
 from xmr.train.defaults import distill_checkpoint
@@ -270,3 +273,77 @@ def test_distill_improves_the_prefilter_over_the_untrained_head_and_keeps_the_mo
     assert distilled.checkpoint_metadata["distilled_from"]["sha256"] == original.checkpoint_sha256
     with pytest.raises(ConfigError, match="dual encoder"):
         with_new_heads(build_model(make_config("dual", vocab_size=10, img_dim=4, embed_size=4, word_dim=4)), 4)
+
+
+def _clustered_vectors(n, dim=16, clusters=40, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    points = centres[rng.integers(clusters, size=n)] + 0.3 * rng.normal(size=(n, dim))
+    return torch.nn.functional.normalize(torch.from_numpy(points).float(), dim=1)
+
+
+def test_a_prefilter_index_finds_most_of_the_exact_shortlist_and_all_of_it_probing_every_list():
+    pytest.importorskip("faiss")
+    from xmr.runtime.shortlist import PrefilterIndex
+
+    vectors, queries = _clustered_vectors(4000), _clustered_vectors(50, seed=1)
+    exact = top_candidates(queries, vectors, 32)
+    index = PrefilterIndex.train(vectors)
+    assert index.lists == 4000 // 39 and index.probes == 4000 // 39 // 8  # 4 sqrt(N) lists, at most N / 39; an eighth probed
+    found = top_candidates(queries, vectors, 32, index)
+    assert found.shape == exact.shape and (np.diff(found, axis=1) > 0).all()
+    overlap = np.mean([len(np.intersect1d(a, b)) / 32 for a, b in zip(found, exact)])
+    assert overlap > 0.9
+    everything = PrefilterIndex(index.centroids, index.assignment, index.lists)
+    np.testing.assert_array_equal(top_candidates(queries, vectors, 32, everything), exact)
+    narrow = PrefilterIndex(index.centroids, index.assignment, 1)  # one list holds fewer than 500 items: searched exactly instead
+    np.testing.assert_array_equal(top_candidates(queries, vectors, 500, narrow), top_candidates(queries, vectors, 500))
+    for lists in (0, 4001, 2.5):
+        with pytest.raises(InputError, match="lists"):
+            PrefilterIndex.train(vectors, lists=lists)
+
+
+def test_a_gallery_saves_and_loads_its_prefilter_index_and_search_uses_it(artifacts, headless, test_split, tmp_path):
+    pytest.importorskip("faiss")
+    scorer = Scorer.load(artifacts, backend="onnxruntime", device="cpu")
+    images = scorer.encode_images(test_split.features)
+    query = test_split.captions[:6]
+    indexed = images.with_index(lists=2, probes=1)
+    assert indexed.index.lists == 2 and images.index is None  # a new gallery; the old one unchanged
+    one_list = scorer.search(query, indexed, k=3, shortlist=4)
+    exact = scorer.search(query, images, k=3, shortlist=4)
+    assert one_list.indices.shape == exact.indices.shape
+    indexed.save(tmp_path / "indexed")
+    loaded = scorer.load_gallery(tmp_path / "indexed")
+    assert loaded.index.probes == 1 and torch.equal(loaded.index.centroids, indexed.index.centroids)
+    again = scorer.search(query, loaded, k=3, shortlist=4)
+    np.testing.assert_array_equal(again.indices, one_list.indices)
+    np.testing.assert_array_equal(again.scores, one_list.scores)
+    loaded.index.probes = 2  # every list: the exact shortlist
+    np.testing.assert_array_equal(scorer.search(query, loaded, k=3, shortlist=4).indices, exact.indices)
+    assert loaded.select([0, 2]).index is None  # an index belongs to the items it was trained on
+    assignment = indexed.index.assignment.numpy()
+    for edit, tensors, message in (({"probes": 3}, {}, "probes must be an integer from 1 to 2"),
+                                   ({"kind": "hnsw"}, {}, "a prefilter index is an"),
+                                   ({}, {"assignment": assignment + 2}, "assigns items to lists 2 to"),
+                                   ({}, {"assignment": assignment[:-1]}, r"assignment must be int64 \[16\]")):
+        damaged = tmp_path / f"damaged_{len(message)}"
+        indexed.save(damaged)
+        header = json.loads((damaged / "gallery.json").read_text())
+        header["index"].update(edit)
+        for name, value in tensors.items():
+            np.save(damaged / f"{name}.npy", value)
+            header["tensors"][name]["sha256"] = file_sha256(damaged / f"{name}.npy")
+        header["digest"] = _digest(header)  # a consistent header that says something wrong
+        (damaged / "gallery.json").write_text(json.dumps(header))
+        with pytest.raises(InputError, match=message) as error:
+            Gallery.load(damaged)
+        assert "\n" not in str(error.value)
+    header = json.loads((tmp_path / "indexed" / "gallery.json").read_text())
+    header["index"]["probes"] = 2  # edited without its digest
+    (tmp_path / "indexed" / "gallery.json").write_text(json.dumps(header))
+    with pytest.raises(InputError, match="changed after it was saved"):
+        Gallery.load(tmp_path / "indexed")
+    plain = Scorer.load(headless, backend="onnxruntime", device="cpu").encode_images(test_split.features)
+    with pytest.raises(InputError, match="has none"):
+        plain.with_index()

@@ -52,6 +52,15 @@ def text_to_image_ranks(scores: np.ndarray, per_image: int) -> np.ndarray:
     return np.argmax(order == truth[:, None], axis=1)
 
 
+def recall_at(scores: np.ndarray, per_image: int, ks: tuple[int, ...]) -> dict[str, float]:
+    """Recall@K of a score matrix ``[images, captions]`` in percent, both ways: ``i2t@K``
+    (images with a caption of theirs among their K best) and ``t2i@K`` (captions whose image
+    is among their K best)."""
+    i2t, t2i = image_to_text_ranks(scores, per_image), text_to_image_ranks(scores, per_image)
+    return {**{f"i2t@{k}": 100.0 * float(np.mean(i2t < k)) for k in ks},
+            **{f"t2i@{k}": 100.0 * float(np.mean(t2i < k)) for k in ks}}
+
+
 def check_finite_scores(scores: np.ndarray) -> None:
     """``ShapeError`` when a score matrix holds NaN or Inf: ranking them would give a silently
     wrong recall (NaN sorts last), so the first bad pair is named instead."""

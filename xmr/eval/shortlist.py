@@ -17,7 +17,7 @@ import numpy as np
 
 from xmr.data.precomp import PrecompSplit
 from xmr.errors import InputError
-from xmr.eval.metrics import RecallReport, image_to_text_ranks, recall_report, text_to_image_ranks
+from xmr.eval.metrics import RecallReport, recall_at, recall_report
 from xmr.runtime import Scorer
 from xmr.runtime.gallery import ImageGallery, TextGallery
 
@@ -40,7 +40,7 @@ class ShortlistResult:
                 "exhaustive_pairs": self.exhaustive_pairs, "seconds": self.seconds}
 
 
-def encode_split(scorer: Scorer, split: PrecompSplit, show_progress: bool = False) -> tuple[ImageGallery, TextGallery]:
+def split_galleries(scorer: Scorer, split: PrecompSplit, show_progress: bool = False) -> tuple[ImageGallery, TextGallery]:
     """``split``'s images and captions encoded once, with their prefilter vectors."""
     images = scorer.encode_images(np.asarray(split.features), show_progress=show_progress)
     texts = scorer.encode_texts(split.caption_batch(range(split.n_captions)), show_progress=show_progress)
@@ -58,8 +58,8 @@ def shortlist_recall(scorer: Scorer, images: ImageGallery, texts: TextGallery, p
     t2i = _rest_below(similarities.T, *scorer.shortlisted(texts, images, k)).T
     report = recall_report(i2t, per_image, t2i)
     seconds = time.perf_counter() - started
-    recall = {"i2t": float(np.mean(image_to_text_ranks(similarities, per_image) < k)),
-              "t2i": float(np.mean(text_to_image_ranks(similarities, per_image) < k))}
+    at_k = recall_at(similarities, per_image, (k,))
+    recall = {"i2t": at_k[f"i2t@{k}"] / 100, "t2i": at_k[f"t2i@{k}"] / 100}
     return ShortlistResult(k, report, recall_report(similarities, per_image), recall,
                            scorer.stats()["pairs_scored"] - before, similarities.size, seconds)
 
@@ -74,4 +74,4 @@ def _rest_below(similarities: np.ndarray, candidates: np.ndarray, exact: np.ndar
 
 def evaluate_shortlist(scorer: Scorer, split: PrecompSplit, k: int, show_progress: bool = False) -> ShortlistResult:
     """``shortlist_recall`` on ``split`` (encoded first)."""
-    return shortlist_recall(scorer, *encode_split(scorer, split, show_progress), split.per_image, k)
+    return shortlist_recall(scorer, *split_galleries(scorer, split, show_progress), split.per_image, k)

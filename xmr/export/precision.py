@@ -54,18 +54,9 @@ def recurrences_in_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     casts = []
     for node in graph.node:
-        if node.op_type != "GRU":
-            continue
-        for i, name in enumerate(node.input):
-            if name and i != 4:  # sequence_lens (input 4) is int32
-                cast = f"{name}/as_fp32/{node.name}"
-                casts.append(onnx.helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.FLOAT, name=cast))
-                node.input[i] = cast
-        for i, name in enumerate(node.output):
-            if name:
-                inner = f"{name}/fp32"
-                casts.append(onnx.helper.make_node("Cast", [inner], [name], to=onnx.TensorProto.FLOAT16, name=f"{name}/as_fp16"))
-                node.output[i] = inner
+        if node.op_type == "GRU":  # sequence_lens (input 4) is int32
+            casts += float32_borders(node, [i for i, n in enumerate(node.input) if n and i != 4],
+                                     [i for i, n in enumerate(node.output) if n], TensorProto.FLOAT16)
     graph.node.extend(casts)
     return _sorted(model)
 
@@ -88,7 +79,9 @@ def convert_to_bf16(fp32_path: Path, fp16_path: Path, out_path: Path) -> Path:
         in_bf16 = accepts_bf16(node, opset)
         retype_attributes(node, constants, TensorProto.BFLOAT16 if in_bf16 else TensorProto.FLOAT)
         if not in_bf16:
-            casts += float32_borders(node, types)
+            float16 = [i for i, name in enumerate(node.input) if types.get(name) == TensorProto.FLOAT16]
+            casts += float32_borders(node, float16, [i for i, name in enumerate(node.output)
+                                                     if types.get(name) == TensorProto.FLOAT16], TensorProto.BFLOAT16)
     graph.node.extend(casts)
     del graph.value_info[:]  # the inferred float16 annotations would contradict the new types
     onnx.save(_sorted(model), str(out_path))
@@ -149,21 +142,21 @@ def retype_attributes(node: onnx.NodeProto, fp32_tensors: dict[tuple[str, str], 
             attribute.t.CopyFrom(retyped(attribute.t, fp32, elem_type))
 
 
-def float32_borders(node: onnx.NodeProto, types: dict[str, int]) -> list[onnx.NodeProto]:
-    """Rewire ``node`` to read and write float32 where the graph holds float16 (bfloat16 after
-    conversion); returns the casts to add at its borders."""
+def float32_borders(node: onnx.NodeProto, inputs: list[int], outputs: list[int], elem_type: int) -> list[onnx.NodeProto]:
+    """Rewire ``node`` to read its ``inputs`` and write its ``outputs`` (positions) in float32
+    where the graph around it holds ``elem_type``; returns the casts to add at its borders."""
     casts = []
-    for i, name in enumerate(node.input):
-        if types.get(name) == TensorProto.FLOAT16:
-            cast = f"{name}/as_fp32/{node.name}"
-            casts.append(onnx.helper.make_node("Cast", [name], [cast], to=TensorProto.FLOAT, name=cast))
-            node.input[i] = cast
-    for i, name in enumerate(node.output):
-        if types.get(name) == TensorProto.FLOAT16:
-            inner = f"{name}/fp32"
-            cast = onnx.helper.make_node("Cast", [inner], [name], to=TensorProto.BFLOAT16, name=f"{name}/as_bf16")
-            casts.append(cast)
-            node.output[i] = inner
+    for i in inputs:
+        name = node.input[i]
+        cast = f"{name}/as_fp32/{node.name}"
+        casts.append(onnx.helper.make_node("Cast", [name], [cast], to=TensorProto.FLOAT, name=cast))
+        node.input[i] = cast
+    suffix = {TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}[elem_type]
+    for i in outputs:
+        name = node.output[i]
+        inner = f"{name}/fp32"
+        casts.append(onnx.helper.make_node("Cast", [inner], [name], to=elem_type, name=f"{name}/as_{suffix}"))
+        node.output[i] = inner
     return casts
 
 

@@ -7,6 +7,9 @@ packed: only each caption's real tokens are stored, end to end, with per-caption
 memory follows the real tokens, not N x the longest caption. A gallery records the weights
 and precision that encoded it, so it is never scored by another model.
 
+A gallery with prefilter vectors may also carry an approximate index over them
+(``with_index``; ``shortlist.PrefilterIndex``), saved as its centroids and probes.
+
 On disk: a directory with ``gallery.json`` and one ``.npy`` per tensor, loaded
 memory-mapped. A saved gallery may come from someone else, so the header records each
 file's sha256 and a digest of everything else it says (kind, count, identity, precision,
@@ -31,13 +34,17 @@ import xmr
 from xmr.errors import InputError, OutputError, first_line
 from xmr.outputs import check_output_dir, keep_foreign, staged_directory
 from xmr.paths import checked_file, file_sha256, inside, require
+from xmr.runtime.shortlist import PrefilterIndex
 
 GALLERY = "gallery.json"
 FORMAT = "xmr-gallery"
 FORMAT_VERSION = 2  # 2: sha256 per tensor file and a header digest
-DIGESTED = ("format", "format_version", "kind", "count", "identity", "precision", "tensors", "meta")
+DIGESTED = ("format", "format_version", "kind", "count", "identity", "precision", "tensors", "meta", "index")
 PREFIX = {"images": "image_", "texts": "text_"}
 VECTORS = "vectors"  # the prefilter head's vectors, saved as vectors.npy
+CENTROIDS = "centroids"  # the prefilter index's centroids, saved as centroids.npy
+ASSIGNMENT = "assignment"  # the prefilter index's list of each item, saved as assignment.npy
+INDEX_KIND = "ivf-flat"
 MAX_HEADER_BYTES = 16 << 20  # a header lists a few tensors; anything larger is not one
 FINITE_CHUNK = 1 << 22  # elements checked at a time for NaN/Inf (no gallery-sized temporaries)
 
@@ -51,6 +58,7 @@ class Gallery:
     meta: dict = field(default_factory=dict)
     offsets: dict[int, torch.Tensor] = field(default_factory=dict)  # captions only: see TextGallery
     vectors: torch.Tensor | None = None  # the prefilter head's unit vectors [N, G] in item order (None: no head)
+    index: PrefilterIndex | None = None  # an approximate index over the vectors (None: exact search)
 
     kind = "gallery"
 
@@ -66,10 +74,23 @@ class Gallery:
             return self
         return type(self)({n: t.to(device) for n, t in self.items.items()}, self.identity, self.precision,
                           self.lengths, dict(self.meta), self.offsets,
-                          None if self.vectors is None else self.vectors.to(device))
+                          None if self.vectors is None else self.vectors.to(device),
+                          None if self.index is None else self.index.copy())
+
+    def with_index(self, lists: int | None = None, probes: int | None = None) -> Gallery:
+        """This gallery with an approximate prefilter index (``PrefilterIndex.train``: ``lists``
+        k-means centroids of its vectors, ``probes`` searched per query), so ``search(...,
+        shortlist=K)`` ranks a large gallery in a fraction of exact search's time, at the
+        prefilter recall it costs (measure it: docs/retrieval.md). Needs the ``faiss`` extra."""
+        if self.vectors is None:
+            raise InputError(f"a prefilter index is built over a gallery's prefilter vectors, and this {self.kind} "
+                             f"gallery has none (encoded by artifacts without a prefilter head)")
+        return type(self)(self.items, self.identity, self.precision, self.lengths, dict(self.meta), self.offsets,
+                          self.vectors, PrefilterIndex.train(self.vectors, lists, probes))
 
     def select(self, index: np.ndarray | list[int]) -> Gallery:
-        """The items at ``index`` (in that order), as a gallery of the same kind."""
+        """The items at ``index`` (in that order), as a gallery of the same kind (without a
+        prefilter index: one belongs to the items it was trained on; ``with_index`` again)."""
         index = _index(index, len(self))
         items = {n: _take(t, index) for n, t in self.items.items()}
         return type(self)(items, self.identity, self.precision, None, dict(self.meta), {}, _select_vectors(self, index))
@@ -101,6 +122,12 @@ class Gallery:
                                     or vectors.dim() != 2 or vectors.size(0) != len(self) or vectors.size(1) < 1):
             raise InputError(f"{where}: its prefilter vectors must be float32 [{len(self)}, G] (one per item), got "
                              f"{getattr(vectors, 'dtype', type(vectors).__name__)} {list(getattr(vectors, 'shape', []))}")
+        if self.index is not None:
+            if vectors is None:
+                raise InputError(f"{where} has a prefilter index but no prefilter vectors to index")
+            if not isinstance(self.index, PrefilterIndex):
+                raise InputError(f"{where}: its index must be a PrefilterIndex, got {type(self.index).__name__}")
+            self.index.check(vectors, where)
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the gallery to directory ``path``: built beside it and swapped in atomically.
@@ -117,6 +144,9 @@ class Gallery:
             extra.update({f"offsets_{a}": offsets for a, offsets in self.offsets.items()})
             if self.vectors is not None:
                 extra[VECTORS] = self.vectors
+            if self.index is not None:
+                extra[CENTROIDS] = self.index.centroids
+                extra[ASSIGNMENT] = self.index.assignment
             for name, tensor in {**self.items, **extra}.items():
                 file = work / f"{name}.npy"
                 np.save(file, tensor.detach().cpu().numpy())
@@ -124,6 +154,8 @@ class Gallery:
             header = {"format": FORMAT, "format_version": FORMAT_VERSION, "xmr": xmr.__version__, "kind": self.kind,
                       "count": len(self), "identity": self.identity, "precision": self.precision,
                       "tensors": entries, "meta": self.meta}
+            if self.index is not None:
+                header["index"] = {"kind": INDEX_KIND, "probes": self.index.probes}
             header["digest"] = _digest(header)
             (work / GALLERY).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
             keep_foreign(path, work, _gallery_files(path))
@@ -156,10 +188,11 @@ class Gallery:
                     else inside(path, entry["file"], f"{header_path}: tensor {name}", InputError))
             if not file.is_file():  # a FIFO or device would block or never end
                 raise InputError(f"tensor {name} {file.name} is listed in {header_path} but missing or not a regular file")
-            integer = name == "lengths" or name.startswith("offsets_")
+            integer = name in ("lengths", ASSIGNMENT) or name.startswith("offsets_")
             tensors[name] = _read_npy(file, np.dtype(np.int64 if integer else np.float32), mmap)
         lengths = tensors.pop("lengths", None)
         vectors = tensors.pop(VECTORS, None)
+        index = _read_index(header, tensors.pop(CENTROIDS, None), tensors.pop(ASSIGNMENT, None), header_path)
         offsets = {}
         for name in [n for n in tensors if n.startswith("offsets_")]:
             axes = name.removeprefix("offsets_")
@@ -167,11 +200,11 @@ class Gallery:
                 raise InputError(f"{header_path}: unknown tensor {name} (offsets are offsets_1 and offsets_2)")
             offsets[int(axes)] = tensors.pop(name)
         gallery = GALLERY_KINDS[header["kind"]](tensors, header["identity"], header["precision"], lengths,
-                                                header["meta"], offsets, vectors)
+                                                header["meta"], offsets, vectors, index)
         gallery.check(f"gallery {path}")
         if len(gallery) != header["count"]:
             raise InputError(f"gallery {path} holds {len(gallery)} items, its header says {header['count']}")
-        for name, tensor in {**gallery.items, **({} if vectors is None else {VECTORS: vectors})}.items():
+        for name, tensor in {**gallery.items, **({} if vectors is None else {VECTORS: vectors})}.items():  # centroids: check()
             if not all(torch.isfinite(chunk).all() for chunk in tensor.reshape(-1).split(FINITE_CHUNK)):
                 raise InputError(f"gallery {path}: {name} holds NaN or Inf values (an encoder never makes them)")
         return gallery
@@ -208,7 +241,9 @@ def _output_path(path: object) -> Path:
 
 
 def _digest(header: dict[str, Any]) -> str:
-    body = json.dumps({k: header.get(k) for k in DIGESTED}, sort_keys=True, separators=(",", ":"))
+    """sha256 of what ``header`` says (the keys in ``DIGESTED`` it has: ``index`` only when
+    the gallery has one, so a header without one digests as before it existed)."""
+    body = json.dumps({k: header[k] for k in DIGESTED if k in header}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -239,6 +274,20 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise InputError(f"{path} was changed after it was saved (its digest does not match what it says); "
                          f"encode and save the gallery again")
     return header
+
+
+def _read_index(header: dict[str, Any], centroids: torch.Tensor | None, assignment: torch.Tensor | None,
+                where: Path) -> PrefilterIndex | None:
+    """The prefilter index a header and its tensors describe (None if none of them says one)."""
+    entry = header.get("index")
+    if entry is None and centroids is None and assignment is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("kind") != INDEX_KIND or centroids is None or assignment is None:
+        raise InputError(f"{where}: a prefilter index is an \"index\" entry {{\"kind\": \"{INDEX_KIND}\", "
+                         f"\"probes\": P}} with {CENTROIDS} and {ASSIGNMENT} tensors, got {entry!r}, "
+                         f"{'a' if centroids is not None else 'no'} {CENTROIDS} and "
+                         f"{'an' if assignment is not None else 'no'} {ASSIGNMENT} tensor"[:300])
+    return PrefilterIndex(centroids, assignment, entry.get("probes"))  # type: ignore[arg-type]  # check() checks it
 
 
 def _read_npy(file: Path, dtype: np.dtype, mmap: bool) -> torch.Tensor:
@@ -386,7 +435,8 @@ class TextGallery(Gallery):
 
 
 def concat(galleries: list[Gallery]) -> Any:
-    """One gallery of several of one kind, in order (same model and precision)."""
+    """One gallery of several of one kind, in order (same model and precision), without a
+    prefilter index (``with_index`` builds one for the whole)."""
     first = galleries[0]
     if len(galleries) == 1:
         return first

@@ -352,7 +352,7 @@ class Scorer:
         ascending) and their cross-attention scores (float32 ``[Q, K]``), for checked galleries
         with vectors. Queries whose candidates overlap share ``score`` calls
         (``shortlist.candidate_groups``)."""
-        candidates = top_candidates(query.vectors, gallery.vectors, shortlist)  # type: ignore[arg-type]
+        candidates = top_candidates(query.vectors, gallery.vectors, shortlist, gallery.index)  # type: ignore[arg-type]
         scores = np.empty(candidates.shape, dtype=np.float32)
         for queries, union in candidate_groups(candidates):
             whole = len(queries) == len(query) and bool((queries == np.arange(len(query))).all())

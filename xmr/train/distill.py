@@ -27,7 +27,7 @@ from xmr.config import check_float, check_int, config_to_dict
 from xmr.data.precomp import PrecompSplit
 from xmr.device import resolve_device
 from xmr.errors import ConfigError
-from xmr.eval.metrics import image_to_text_ranks, text_to_image_ranks
+from xmr.eval.metrics import recall_at
 from xmr.models.base import RetrievalModel
 from xmr.models.checkpoint import save_checkpoint
 from xmr.models.losses import TEMPERATURE, contrastive_loss
@@ -80,7 +80,7 @@ class EncodedSplit:
 
 
 @torch.no_grad()
-def encode_split(model: RetrievalModel, split: PrecompSplit, device: torch.device) -> EncodedSplit:
+def split_embeddings(model: RetrievalModel, split: PrecompSplit, device: torch.device) -> EncodedSplit:
     regions = torch.cat([model.encode_images(split.image_batch(range(s, min(s + ENCODE_BATCH, split.n_images))).to(device))
                          for s in range(0, split.n_images, ENCODE_BATCH)])
     longest = max(len(split.caption_ids(i)) for i in range(split.n_captions))
@@ -137,14 +137,10 @@ def distill_step(model: RetrievalModel, optimizer: torch.optim.Optimizer, encode
 
 @torch.no_grad()
 def prefilter_recall(model: RetrievalModel, encoded: EncodedSplit, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
-    """The prefilter's recall@K on an encoded split, in percent: ``i2t@K`` (images with a caption
-    of theirs among their K best) and ``t2i@K`` (captions whose image is among their K best)."""
+    """The prefilter's recall@K on an encoded split, in percent (``eval.metrics.recall_at``)."""
     images = model.global_images(encoded.regions)
     texts = model.global_texts(encoded.words, encoded.lengths)
-    similarities = (images @ texts.T).cpu().numpy()
-    i2t, t2i = image_to_text_ranks(similarities, encoded.per_image), text_to_image_ranks(similarities, encoded.per_image)
-    return {**{f"i2t@{k}": 100.0 * float(np.mean(i2t < k)) for k in ks},
-            **{f"t2i@{k}": 100.0 * float(np.mean(t2i < k)) for k in ks}}
+    return recall_at((images @ texts.T).cpu().numpy(), encoded.per_image, ks)
 
 
 def _first_images(encoded: EncodedSplit, n: int) -> EncodedSplit:
@@ -186,8 +182,8 @@ def distill(model: RetrievalModel, train_split: PrecompSplit, dev_split: Precomp
     rng = np.random.default_rng(cfg.seed)
     started = time.perf_counter()
     with console.status("encoding the train and dev splits once") if show_progress else contextlib.nullcontext():
-        encoded = encode_split(model, train_split, device)
-        dev = encode_split(model, dev_split, device) if dev_split is not None else _first_images(encoded, 1000)
+        encoded = split_embeddings(model, train_split, device)
+        dev = split_embeddings(model, dev_split, device) if dev_split is not None else _first_images(encoded, 1000)
     log: dict[str, Any] = {"distill_config": config_to_dict(cfg), "before": prefilter_recall(model, dev), "epochs": []}
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.learning_rate)
     step = 0
