@@ -425,6 +425,53 @@ def serve_bench_command(
     console.print(f"report: {path}" + (f", plot: {plot}" if plot else " (no plot: pip install matplotlib)"))
 
 
+SERVE_SESSION = """A session (docs/serving.md): start, wait for ready, search from Python.
+
+  xmr serve --artifacts artifacts/imram --images data/synth/test_ims.npy \\
+      --captions data/synth/test_caps.txt
+  curl -s -o /dev/null -w "%{http_code}\\n" localhost:8000/v2/health/ready  # 200
+
+  import numpy as np, tritonclient.http as http
+  client = http.InferenceServerClient("127.0.0.1:8000")
+  text = http.InferInput("text", \\[1, 1], "BYTES")
+  text.set_data_from_numpy(np.array(\\[\\[b"a dog runs ."]], dtype=object))
+  print(client.infer("xmr_search_text", \\[text]).as_numpy("indices"))
+"""
+
+
+@app.command("serve", epilog=SERVE_SESSION)
+def serve_command(
+    artifacts: Path = typer.Option(..., help="Artifact directory (xmr export)."),
+    images: Path = typer.Option(..., help="Image gallery: region features .npy [N, R, img_dim] or a saved gallery."),
+    captions: Optional[Path] = typer.Option(None, help="Caption gallery for xmr_search_image: a .txt (one caption "
+                                                       "per line) or a saved gallery [default: none]."),
+    backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, openvino or torch."),
+    precision: str = typer.Option("fp32", help="fp32, fp16, bf16 or int8."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per model [default: the cores available]."),
+    k: int = typer.Option(10, help="Results per query when a request sends no k."),
+    shortlist: Optional[int] = typer.Option(None, help="Two-stage search: gallery items rescored per query "
+                                                       "[default: exhaustive]."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    http_port: int = typer.Option(8000, help="HTTP (KServe v2) port."),
+    grpc_port: int = typer.Option(8001, help="gRPC (KServe v2) port."),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
+    max_batch: int = typer.Option(64, help="Triton's max_batch_size: rows (queries, pairs) per batch."),
+    max_queue_delay_us: int = typer.Option(2000, help="How long a request waits for others to batch with, µs."),
+    max_queue: int = typer.Option(256, help="Requests waiting per model; beyond it requests are rejected."),
+) -> None:
+    """Serve search and pair scoring over HTTP and gRPC with NVIDIA Triton Inference Server
+    (PyTriton; pip install -e ".[serve]"). Stops on Ctrl-C or SIGTERM after in-flight requests."""
+    from xmr.serve.repository import ServeConfig
+    from xmr.serve.server import serve
+
+    serve(ServeConfig(artifacts=str(artifacts), images=str(images), captions=None if captions is None else str(captions),
+                      backend=backend, precision=precision, device=device, threads=threads, k=k, shortlist=shortlist,
+                      host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                      max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, max_queue=max_queue),
+          announce=lambda line: console.print(line, soft_wrap=True))
+
+
 def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 

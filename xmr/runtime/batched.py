@@ -32,7 +32,8 @@ class BatchedScorer:
     def __init__(self, scorer: Scorer, config: BatcherConfig | None = None) -> None:
         self.scorer = scorer
         self._batcher: DynamicBatcher[Request, Any] = DynamicBatcher(
-            self._run_batch, config or BatcherConfig(), key=_batch_key, size=_batch_size, name="xmr-scorer")
+            lambda requests: run_batch(scorer, requests), config or BatcherConfig(), key=batch_key, size=_batch_size,
+            name="xmr-scorer")
 
     def submit(self, query: Images | Captions, gallery: Gallery, k: int = 10,
                shortlist: int | None = None) -> concurrent.futures.Future[SearchResult]:
@@ -72,20 +73,25 @@ class BatchedScorer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run_batch(self, requests: list[Request]) -> list[Any]:
-        cuts = np.cumsum([_batch_size(r) for r in requests])[:-1]  # where each request's rows start
-        first = requests[0]
-        if isinstance(first, PairsRequest):
-            pairs = np.concatenate([r.pairs for r in requests])
-            return np.split(self.scorer.run_pairs(PairsRequest(first.images, first.texts, pairs)), cuts)
-        query = concat([r.query for r in requests])  # type: ignore[union-attr]
-        merged = self.scorer.run_search(SearchRequest(query, first.gallery, max(r.k for r in requests),
-                                                      first.shortlist))  # type: ignore[union-attr]
-        return [SearchResult(indices[:, : r.k], scores[:, : r.k]) for r, indices, scores  # type: ignore[union-attr]
-                in zip(requests, np.split(merged.indices, cuts), np.split(merged.scores, cuts))]
 
 
-def _batch_key(request: Request) -> tuple:
+def run_batch(scorer: Scorer, requests: list[Request]) -> list[Any]:
+    """Checked requests of one ``batch_key`` as one launch sequence, each request's result
+    split off (searches: the merged top-max(k), cut to each request's k)."""
+    cuts = np.cumsum([_batch_size(r) for r in requests])[:-1]  # where each request's rows start
+    first = requests[0]
+    if isinstance(first, PairsRequest):
+        pairs = np.concatenate([r.pairs for r in requests])
+        return np.split(scorer.run_pairs(PairsRequest(first.images, first.texts, pairs)), cuts)
+    query = concat([r.query for r in requests])  # type: ignore[union-attr]
+    merged = scorer.run_search(SearchRequest(query, first.gallery, max(r.k for r in requests),
+                                             first.shortlist))  # type: ignore[union-attr]
+    return [SearchResult(indices[:, : r.k], scores[:, : r.k]) for r, indices, scores  # type: ignore[union-attr]
+            in zip(requests, np.split(merged.indices, cuts), np.split(merged.scores, cuts))]
+
+
+def batch_key(request: Request) -> tuple:
+    """Requests with equal keys may share a ``run_batch`` call."""
     if isinstance(request, PairsRequest):
         return ("pairs", id(request.images), id(request.texts))
     return ("search", id(request.gallery), request.shortlist)

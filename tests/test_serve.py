@@ -1,0 +1,255 @@
+"""``xmr serve``: the Scorer behind Triton Inference Server, end to end over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
+from xmr.errors import InputError
+from xmr.export.artifacts import export_artifacts
+from xmr.models import build_model, make_config
+from xmr.models.checkpoint import save_checkpoint
+from xmr.runtime import Scorer
+from xmr.serve.repository import SCORE_PAIRS, SEARCH_IMAGE, SEARCH_TEXT, ServeConfig, read_model_config, \
+    write_repository
+
+http = pytest.importorskip("tritonclient.http")
+grpc = pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("pytriton")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+REGIONS, IMG_DIM = 5, 12
+READY_TIMEOUT_S = 240
+MAX_QUEUE = 2
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Artifacts with a prefilter head, the split, and an `xmr serve` subprocess on free ports."""
+    root = tmp_path_factory.mktemp("serve")
+    write_synthetic(root / "data", SynthConfig(n_train=8, n_dev=4, n_test=12, regions=REGIONS, img_dim=IMG_DIM, seed=3))
+    vocab = Vocabulary.load(root / "data" / "vocab.json")
+    torch.manual_seed(0)
+    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=8, word_dim=8,
+                                    global_dim=4), vocab)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    export_artifacts(save_checkpoint(model, root / "model.pt", {"regions": REGIONS}), root / "artifacts", ("fp32",),
+                     engine=False)
+    split = load_split(root / "data", "test", vocab)
+    np.save(root / "images.npy", np.asarray(split.features))
+    (root / "captions.txt").write_text("\n".join(split.captions) + "\n")
+    ports = free_ports(3)
+    command = [sys.executable, "-m", "xmr.cli", "serve", "--artifacts", str(root / "artifacts"),
+               "--images", str(root / "images.npy"), "--captions", str(root / "captions.txt"),
+               "--backend", "onnxruntime", "--threads", "1", "--k", "4", "--max-batch", "4",
+               "--max-queue", str(MAX_QUEUE), "--max-queue-delay-us", "20000",
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    log = (root / "serve.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"127.0.0.1:{ports[0]}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"xmr serve exited {process.returncode}: {(root / 'serve.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready in {READY_TIMEOUT_S} s: {(root / 'serve.log').read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        scorer = Scorer.load(root / "artifacts", backend="onnxruntime", threads=1, device="cpu")
+        yield {"process": process, "http": url, "grpc": f"127.0.0.1:{ports[1]}", "split": split, "scorer": scorer,
+               "images": scorer.encode_images(split.features), "texts": scorer.encode_texts(split.captions),
+               "log": root / "serve.log"}
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()
+
+
+def _text(module, captions):
+    tensor = module.InferInput("text", [len(captions), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[c.encode()] for c in captions], dtype=object))
+    return tensor
+
+
+def _features(module, features, dtype="FP32"):
+    tensor = module.InferInput("features", list(features.shape), dtype)
+    tensor.set_data_from_numpy(features)
+    return tensor
+
+
+def _k(module, k, rows=1):
+    tensor = module.InferInput("k", [rows, 1], "INT32")
+    tensor.set_data_from_numpy(np.full((rows, 1), k, dtype=np.int32))
+    return tensor
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_searches_and_pair_scores_over_the_server_equal_the_in_process_scorer(served, protocol):
+    module = {"http": http, "grpc": grpc}[protocol]
+    scorer, split = served["scorer"], served["split"]
+    client = module.InferenceServerClient(served[protocol])
+    try:
+        for captions, k in ((split.captions[:1], None), (split.captions[3:6], 7), (split.captions[10:11], 1)):
+            inputs = [_text(module, captions)] + ([] if k is None else [_k(module, k, len(captions))])
+            result = client.infer(SEARCH_TEXT, inputs)
+            expected = scorer.search(captions, served["images"], k=k or 4)
+            np.testing.assert_array_equal(result.as_numpy("indices"), expected.indices)
+            np.testing.assert_array_equal(result.as_numpy("scores"), expected.scores)
+        features = np.asarray(split.features[2:4], dtype=np.float32)
+        result = client.infer(SEARCH_IMAGE, [_features(module, features), _k(module, 5, 2)])
+        expected = scorer.search(features, served["texts"], k=5)
+        np.testing.assert_array_equal(result.as_numpy("indices"), expected.indices)
+        np.testing.assert_array_equal(result.as_numpy("scores"), expected.scores)
+        captions = [split.captions[0], split.captions[9]]
+        result = client.infer(SCORE_PAIRS, [_features(module, features), _text(module, captions)])
+        pairs = scorer.score_pairs(features, captions, [(0, 0), (1, 1)])
+        np.testing.assert_array_equal(result.as_numpy("score")[:, 0], pairs)
+    finally:
+        client.close()
+
+
+def test_bad_requests_get_error_responses_and_the_server_keeps_serving(served):
+    split = served["split"]
+    client = http.InferenceServerClient(served["http"])
+    features = np.asarray(split.features[:1], dtype=np.float32)
+    bad = {
+        "wrong dtype": (SEARCH_IMAGE, [_features(http, features.astype(np.float64), "FP64")], "FP64|data-type|datatype"),
+        "wrong shape": (SEARCH_IMAGE, [_features(http, np.zeros((1, REGIONS + 1, IMG_DIM), np.float32))],
+                        "shape|dims"),
+        "empty caption": (SEARCH_TEXT, [_text(http, [""])], "empty"),
+        "k = 0": (SEARCH_TEXT, [_text(http, ["a dog ."]), _k(http, 0)], "k must be a positive integer"),
+        "k < 0": (SEARCH_TEXT, [_text(http, ["a dog ."]), _k(http, -2)], "k must be a positive integer"),
+        "no text": (SCORE_PAIRS, [_features(http, features)], "text"),
+    }
+    try:
+        for name, (model, inputs, message) in bad.items():
+            with pytest.raises(InferenceServerException, match=message):
+                client.infer(model, inputs)
+            result = client.infer(SEARCH_TEXT, [_text(http, split.captions[:1])])  # still serving
+            assert result.as_numpy("indices").shape == (1, 4), name
+    finally:
+        client.close()
+
+
+def test_a_burst_beyond_the_queue_is_rejected_and_every_accepted_request_is_right(served):
+    split, scorer = served["split"], served["scorer"]
+    asks = [split.captions[i % len(split.captions)] for i in range(48)]
+    expected = scorer.search(asks, served["images"], k=4)
+
+    def ask(i):
+        client = http.InferenceServerClient(served["http"], connection_timeout=60, network_timeout=60)
+        try:
+            result = client.infer(SEARCH_TEXT, [_text(http, [asks[i]])])
+            return result.as_numpy("indices")[0], result.as_numpy("scores")[0]
+        except InferenceServerException as e:
+            return str(e)
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        outcomes = list(pool.map(ask, range(len(asks))))
+    rejected = [o for o in outcomes if isinstance(o, str)]
+    assert rejected and all("queue" in o for o in rejected), rejected[:3]
+    accepted = [(i, o) for i, o in enumerate(outcomes) if not isinstance(o, str)]
+    assert accepted
+    for i, (indices, scores) in accepted:  # batched with others: the same items, scores within float rounding
+        np.testing.assert_array_equal(indices, expected.indices[i])
+        np.testing.assert_allclose(scores, expected.scores[i], atol=1e-5)
+
+
+def test_sigterm_stops_the_server_with_status_0_and_leaves_no_process(served):
+    process = served["process"]
+    below = descendants(process.pid)
+    assert below, "xmr serve runs tritonserver and its model stubs as child processes"
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, served["log"].read_text()[-3000:]
+    assert time.monotonic() - started < 30
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in below) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in below if alive(pid)]
+
+
+def test_every_config_pbtxt_is_a_triton_model_config(tmp_path):
+    config = ServeConfig(artifacts=str(tmp_path), images=str(tmp_path / "images.npy"),
+                         captions=str(tmp_path / "captions.txt"), max_batch=8, max_queue=3, max_queue_delay_us=500)
+    root = write_repository(tmp_path / "repo", config, REGIONS, IMG_DIM)
+    names = sorted(p.name for p in root.iterdir())
+    assert names == sorted([SEARCH_TEXT, SEARCH_IMAGE, SCORE_PAIRS])
+    for name in names:
+        parsed = read_model_config(root / name / "config.pbtxt")
+        assert parsed.name == name and parsed.backend == "python" and parsed.max_batch_size == 8
+        assert parsed.dynamic_batching.default_queue_policy.max_queue_size == 3
+        assert parsed.dynamic_batching.max_queue_delay_microseconds == 500
+        assert (root / name / "1" / "model.py").is_file()
+    features = [i for i in read_model_config(root / SEARCH_IMAGE / "config.pbtxt").input if i.name == "features"]
+    assert list(features[0].dims) == [REGIONS, IMG_DIM]
+
+
+def test_serve_refuses_bad_options_in_one_line_before_starting(tmp_path):
+    for args, message in ((["--images", str(tmp_path / "missing.npy")], "not a .npy file"),
+                          (["--images", str(tmp_path), "--k", "0"], "k must be a positive integer"),
+                          (["--images", str(tmp_path), "--http-port", "9000", "--grpc-port", "9000"], "must differ")):
+        result = subprocess.run([sys.executable, "-m", "xmr.cli", "serve", "--artifacts", str(tmp_path), *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    with pytest.raises(InputError):
+        ServeConfig(artifacts="a", images="b", max_queue_delay_us=-1).validate()
