@@ -213,6 +213,38 @@ def test_a_burst_beyond_the_queue_is_rejected_and_every_accepted_request_is_righ
         np.testing.assert_allclose(scores, expected.scores[i], atol=1e-5)
 
 
+def test_serve_bench_target_drives_the_server_beside_in_process_submit(served):
+    from xmr.benchmark.online_bench import Workload
+    from xmr.benchmark.remote_bench import RemoteConfig, Target, run_remote
+    from xmr.runtime import BatchedScorer, BatcherConfig
+
+    split, scorer = served["split"], served["scorer"]
+    config = RemoteConfig(f"http://{served['http']}", seconds=0.4, k=3, clients=(1, 2), load_fractions=(0.5,), senders=4)
+    target = Target(config.target, config.timeout_s)
+    fronts = []
+
+    def in_process(name):
+        fronts.append(BatchedScorer(scorer, BatcherConfig(4, 20.0, MAX_QUEUE)))
+        if name == "text->image":
+            return fronts[-1], Workload(name, served["images"], [[c] for c in split.captions])
+        return fronts[-1], Workload(name, served["texts"], [f[None] for f in np.asarray(split.features)])
+
+    try:
+        assert target.batching(SEARCH_TEXT) == (4, 20.0, MAX_QUEUE)
+        report = run_remote(target, {"text->image": list(split.captions),
+                                     "image->text": list(np.asarray(split.features))}, config, in_process)
+    finally:
+        for front in fronts:
+            front.close()
+        target.release()
+    settings = [(r["workload"], r["mode"]) for r in report["remote"]]
+    assert settings == [(w, m) for w in ("text->image", "image->text") for m in ("closed", "closed", "open")]
+    assert [(r["workload"], r["mode"]) for r in report["in_process"]] == settings
+    assert all(r["completed"] > 0 and r["p50_ms"] > 0 for r in report["remote"] + report["in_process"])
+    with pytest.raises(InputError, match="--target must be"):
+        RemoteConfig("ftp://127.0.0.1:1")
+
+
 def test_sigterm_stops_the_server_with_status_0_and_leaves_no_process(served):
     process = served["process"]
     below = descendants(process.pid)

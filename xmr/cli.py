@@ -397,11 +397,17 @@ def serve_bench_command(
     precision: Optional[str] = typer.Option(None, help="Comma-separated precisions to measure [default: all]."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    target: Optional[str] = typer.Option(None, help="Drive a running `xmr serve` instead: http://HOST:PORT or "
+                                                    "grpc://HOST:PORT (queries: --data's test split; with "
+                                                    "--artifacts, in-process submit rows beside it)."),
 ) -> None:
     """Throughput (full score matrix) and latency under load, per backend and precision, against
     the authors' evaluation loop and our PyTorch model, with each precision's recall."""
     import dataclasses
 
+    if target is not None:
+        _remote_serve_bench(target, data, artifacts, backend, precision, online_seconds, out, quick, overwrite)
+        return
     import torch
 
     from xmr.benchmark.serve_bench import PLOT, ServeBenchConfig, run_serve_bench, write_report
@@ -448,7 +454,7 @@ def serve_command(
     backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, openvino or torch."),
     precision: str = typer.Option("fp32", help="fp32, fp16, bf16 or int8."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads per model [default: the cores available]."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per model [default: the available cores shared equally by the models]."),
     k: int = typer.Option(10, help="Results per query when a request sends no k."),
     shortlist: Optional[int] = typer.Option(None, help="Two-stage search: gallery items rescored per query "
                                                        "[default: exhaustive]."),
@@ -470,6 +476,23 @@ def serve_command(
                       host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                       max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, max_queue=max_queue),
           announce=lambda line: console.print(line, soft_wrap=True))
+
+
+def _remote_serve_bench(target: str, data: Optional[Path], artifacts: Optional[Path], backend: Optional[str],
+                        precision: Optional[str], seconds: Optional[float], out: Path, quick: bool,
+                        overwrite: bool) -> None:
+    from xmr.benchmark.remote_bench import RemoteConfig, remote_serve_bench
+    from xmr.benchmark.serve_bench import REMOTE_REPORT, is_serve_bench_output
+    from xmr.benchmark.serve_report import remote_table
+    from xmr.outputs import check_output_dir, write_text
+
+    config = RemoteConfig(target, **({"seconds": seconds} if seconds is not None else {"seconds": 1.5} if quick else {}),
+                          **({"clients": (1, 4), "load_fractions": (0.7,)} if quick else {}))
+    check_output_dir(out, is_serve_bench_output, overwrite, "serve-bench output")
+    report = remote_serve_bench(config, data or DEFAULT_DATA, artifacts, backend or "auto", precision or "fp32")
+    console.print(remote_table(report))
+    path = write_text(out / REMOTE_REPORT, json.dumps(report, indent=2) + "\n")
+    console.print(f"report: {path}")
 
 
 def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:

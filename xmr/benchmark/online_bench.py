@@ -64,6 +64,13 @@ def percentiles(latencies: list[float]) -> dict[str, float | None]:
     return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "mean_ms": float(ms.mean())}
 
 
+def poisson_arrivals(rate: float, seconds: float, seed: int) -> np.ndarray:
+    """Arrival times (s, ascending, below ``seconds``) of a Poisson process at ``rate`` per second."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * seconds * 2) + 10))
+    return arrivals[arrivals < seconds]
+
+
 def stats_delta(before: BatcherStats, after: BatcherStats) -> dict[str, Any]:
     histogram = {size: count - before.batch_sizes.get(size, 0) for size, count in after.batch_sizes.items()}
     requests, batches = after.requests - before.requests, after.batches - before.batches
@@ -113,9 +120,7 @@ def open_loop(front: BatchedScorer, workload: Workload, rate: float, config: Onl
     a pool of sender threads (as a server's request handlers would), so a slow submit (the
     query is encoded there) never delays later arrivals; every accepted request is waited for,
     so the measured time covers draining what queued up."""
-    rng = np.random.default_rng(config.seed)
-    arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * config.seconds * 2) + 10))
-    arrivals = arrivals[arrivals < config.seconds]
+    arrivals = poisson_arrivals(rate, config.seconds, config.seed)
 
     def run() -> tuple[list[float], int, float]:
         latencies: list[float] = []

@@ -30,6 +30,7 @@ from xmr.progress import progress
 from xmr.runtime import BatchedScorer, Scorer
 
 REPORT, PLOT = "serve_bench.json", "serve_bench.png"
+REMOTE_REPORT = "serve_bench_remote.json"  # serve-bench --target
 FORMAT = "xmr-serve-bench"
 MODELS = ("imram", "camp")
 
@@ -37,10 +38,10 @@ MODELS = ("imram", "camp")
 def is_serve_bench_output(directory: Path) -> bool:
     """A directory ``xmr serve-bench`` wrote: its report, plot and the artifacts it built."""
     names = {p.name for p in directory.iterdir()}
-    if not names <= {REPORT, PLOT, "artifacts"}:
+    if not names <= {REPORT, PLOT, REMOTE_REPORT, "artifacts"}:
         return False
     if REPORT not in names:
-        return True
+        return True  # empty, or only what serve-bench --target wrote
     try:
         return json.loads((directory / REPORT).read_text()).get("format") == FORMAT
     except (ValueError, OSError, AttributeError):

@@ -91,6 +91,29 @@ def online_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def remote_table(report: dict[str, Any]) -> Table:
+    """``serve-bench --target``: the server's rows, and the in-process rows of the same settings beside them."""
+    local = {_setting(r): r for r in report["in_process"]}
+    table = Table(title=f"Through the server at {report['target']}" + (
+        f", beside in-process submit ({report['in_process_scorer']['backend']})" if report["in_process"] else ""))
+    for column in ("workload", "load", "QPS", "p50 ms", "p95 ms", "p99 ms", "rejected", "in-process QPS",
+                   "p50 ms", "p99 ms", "rejected", "server / in-process"):
+        table.add_column(column, justify="right")
+    for r in report["remote"]:
+        load = f"{r['clients']} clients" if r["mode"] == "closed" else f"λ {r['rate']:.1f}/s ({r['load_fraction']:g}x)"
+        mine = local.get(_setting(r))
+        there = [] if mine is None else [_num(mine["qps"], ".1f"), _num(mine["p50_ms"], ".1f"), _num(mine["p99_ms"], ".1f"),
+                                          str(mine["rejected"] + mine["rejected_at_submit"]),
+                                          _num(r["qps"] / mine["qps"] if mine["qps"] else None, ".2f")]
+        table.add_row(r["workload"], load, _num(r["qps"], ".1f"), _num(r["p50_ms"], ".1f"), _num(r["p95_ms"], ".1f"),
+                      _num(r["p99_ms"], ".1f"), str(r["rejected"]), *(there or [""] * 5))
+    return table
+
+
+def _setting(row: dict[str, Any]) -> tuple:
+    return (row["workload"], row["mode"], row.get("clients"), row.get("load_fraction"))
+
+
 def shortlist_table(report: dict[str, Any]) -> Table | str:
     bench = report.get("shortlist") or {"skipped": "not measured"}
     if "skipped" in bench:
