@@ -16,7 +16,7 @@ Each ``config.pbtxt`` is built as Triton's own ``ModelConfig`` protobuf (from
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,6 @@ class ServeConfig:
         ports = [self.http_port, self.grpc_port, self.metrics_port]
         if len(set(ports)) != 3:
             raise InputError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def model_names(config: ServeConfig) -> list[str]:
