@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from xmr.models.checkpoint import save_checkpoint
 from xmr.runtime import Scorer
 from xmr.serve.repository import SCORE_PAIRS, SEARCH_IMAGE, SEARCH_TEXT, ServeConfig, read_model_config, \
     write_repository
+from xmr.serve.server import ServeError, wait_ready
 
 http = pytest.importorskip("tritonclient.http")
 grpc = pytest.importorskip("tritonclient.grpc")
@@ -99,17 +99,10 @@ def served(tmp_path_factory):
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"127.0.0.1:{ports[0]}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"xmr serve exited {process.returncode}: {(root / 'serve.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"not ready in {READY_TIMEOUT_S} s: {(root / 'serve.log').read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.3)
+        try:
+            wait_ready(f"http://{url}", READY_TIMEOUT_S, lambda: process.poll() is None)
+        except ServeError as e:
+            pytest.fail(f"{e}; xmr serve exited {process.returncode}: {(root / 'serve.log').read_text()[-3000:]}")
         scorer = Scorer.load(root / "artifacts", backend="onnxruntime", threads=1, device="cpu")
         yield {"process": process, "http": url, "grpc": f"127.0.0.1:{ports[1]}", "split": split, "scorer": scorer,
                "images": scorer.encode_images(split.features), "texts": scorer.encode_texts(split.captions),

@@ -8,7 +8,8 @@ memory follows the real tokens, not N x the longest caption. A gallery records t
 and precision that encoded it, so it is never scored by another model.
 
 A gallery with prefilter vectors may also carry an approximate index over them
-(``with_index``; ``shortlist.PrefilterIndex``), saved as its centroids and probes.
+(``with_index``; ``shortlist.PrefilterIndex``), saved as its centroids, each item's list and
+its probes.
 
 On disk: a directory with ``gallery.json`` and one ``.npy`` per tensor, loaded
 memory-mapped. A saved gallery may come from someone else, so the header records each

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xmr.errors import InputError
+from xmr.runtime.inputs import positive_int
 
 SEARCH_TEXT, SEARCH_IMAGE, SCORE_PAIRS = "xmr_search_text", "xmr_search_image", "xmr_score_pairs"
 MODEL_PY = "from xmr.serve.triton_model import TritonPythonModel  # noqa: F401  (xmr's Python-backend model)\n"
@@ -50,15 +51,10 @@ class ServeConfig:
 
     def validate(self) -> None:
         for name in ("k", "http_port", "grpc_port", "metrics_port", "max_batch", "max_queue"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}"[:200])
-        if isinstance(self.max_queue_delay_us, bool) or not isinstance(self.max_queue_delay_us, int) \
-                or self.max_queue_delay_us < 0:
-            raise InputError(f"max-queue-delay-us must be an integer >= 0, got {self.max_queue_delay_us!r}"[:200])
-        if self.shortlist is not None and (isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int)
-                                           or self.shortlist < 1):
-            raise InputError(f"shortlist must be a positive integer, got {self.shortlist!r}"[:200])
+            positive_int(getattr(self, name), name.replace("_", "-"))
+        positive_int(self.max_queue_delay_us, "max-queue-delay-us", minimum=0)
+        if self.shortlist is not None:
+            positive_int(self.shortlist, "shortlist")
         ports = [self.http_port, self.grpc_port, self.metrics_port]
         if len(set(ports)) != 3:
             raise InputError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
