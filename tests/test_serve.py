@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import invoke
 
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.errors import InputError
@@ -73,8 +75,8 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Artifacts with a prefilter head, the split, and an `xmr serve` subprocess on free ports."""
+def exported(tmp_path_factory):
+    """Artifacts of a small IMRAM with a prefilter head, the test split, its features and captions as files."""
     root = tmp_path_factory.mktemp("serve")
     write_synthetic(root / "data", SynthConfig(n_train=8, n_dev=4, n_test=12, regions=REGIONS, img_dim=IMG_DIM, seed=3))
     vocab = Vocabulary.load(root / "data" / "vocab.json")
@@ -89,6 +91,13 @@ def served(tmp_path_factory):
     split = load_split(root / "data", "test", vocab)
     np.save(root / "images.npy", np.asarray(split.features))
     (root / "captions.txt").write_text("\n".join(split.captions) + "\n")
+    return {"root": root, "split": split}
+
+
+@pytest.fixture(scope="module")
+def served(exported):
+    """An `xmr serve` subprocess on free ports over ``exported``, and the same scorer in-process."""
+    root, split = exported["root"], exported["split"]
     ports = free_ports(3)
     command = [sys.executable, "-m", "xmr.cli", "serve", "--artifacts", str(root / "artifacts"),
                "--images", str(root / "images.npy"), "--captions", str(root / "captions.txt"),
@@ -278,3 +287,169 @@ def test_serve_refuses_bad_options_in_one_line_before_starting(tmp_path):
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     with pytest.raises(InputError):
         ServeConfig(artifacts="a", images="b", max_queue_delay_us=-1).validate()
+
+
+GRAPH_STANDIN = '''"""A graph model as a Python-backend model: its model.onnx in ONNX Runtime (the test's
+stand-in for Triton's onnxruntime backend, which PyTriton's bundled server lacks)."""
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.inputs = [t["name"] for t in config["input"]]
+        self.outputs = [t["name"] for t in config["output"]]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
+            arrays = self.session.run(self.outputs, feeds)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in zip(self.outputs, arrays)]))
+        return responses
+'''
+
+
+def _graph_repository(exported, out, *args):
+    root = exported["root"]
+    result = invoke("triton-repo", "--artifacts", root / "artifacts", "--out", out, "--images", root / "images.npy",
+                    "--captions", root / "captions.txt", "--k", 4, "--max-batch", 4, *args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_triton_repo_writes_graph_models_from_the_manifest_and_bls_front_models(exported, tmp_path):
+    from xmr.paths import file_sha256
+    from xmr.runtime.artifacts import Artifacts
+    from xmr.serve.graph_repository import GRAPH_MODELS, RECORD
+
+    artifacts = Artifacts.open(exported["root"] / "artifacts")
+    repo = _graph_repository(exported, tmp_path / "repo")
+    assert sorted(p.name for p in repo.iterdir()) == sorted([*GRAPH_MODELS.values(), SEARCH_TEXT, SEARCH_IMAGE,
+                                                             SCORE_PAIRS, RECORD])
+    for graph, name in GRAPH_MODELS.items():
+        parsed = read_model_config(repo / name / "config.pbtxt")
+        assert (parsed.name, parsed.platform, parsed.max_batch_size) == (name, "onnxruntime_onnx", 0)
+        spec = artifacts.manifest["graphs"][graph]
+        for side, tensors in (("inputs", parsed.input), ("outputs", parsed.output)):
+            assert [(t.name, list(t.dims)) for t in tensors] == \
+                [(t["name"], [d if isinstance(d, int) else -1 for d in t["shape"]]) for t in spec[side]]
+        assert file_sha256(repo / name / "1" / "model.onnx") == spec["files"]["fp32"]["sha256"]
+    for name in (SEARCH_TEXT, SEARCH_IMAGE, SCORE_PAIRS):
+        parsed = read_model_config(repo / name / "config.pbtxt")
+        assert parsed.backend == "python" and parsed.max_batch_size == 4 and parsed.HasField("dynamic_batching")
+        parameters = {k: v.string_value for k, v in parsed.parameters.items()}
+        assert (parameters["backend"], parameters["artifacts"], parameters["graphs"]) == \
+            ("triton", "artifacts", "onnxruntime_onnx")
+        assert not Path(parameters["gallery"]).is_absolute()  # the repository can be copied anywhere
+        assert (repo / name / "artifacts" / "manifest.json").is_file()
+    assert (repo / SEARCH_TEXT / "gallery" / "images.npy").is_file()
+    assert json.loads((repo / RECORD).read_text())["graphs"] == "onnxruntime_onnx"
+    _graph_repository(exported, repo, "--k", 5)  # its own repository: replaced
+    assert read_model_config(repo / SEARCH_TEXT / "config.pbtxt").parameters["k"].string_value == "5"
+
+
+def test_triton_repo_serves_engines_as_tensorrt_plan_models_on_gpus(exported, tmp_path):
+    import shutil
+
+    from xmr.paths import file_sha256
+    from xmr.runtime.artifacts import Artifacts
+    from xmr.serve.graph_repository import GRAPH_MODELS, plan_budget
+
+    artifacts_dir = tmp_path / "artifacts"
+    shutil.copytree(exported["root"] / "artifacts", artifacts_dir)
+    manifest = json.loads((artifacts_dir / "manifest.json").read_text())
+    files = {}
+    for graph in GRAPH_MODELS:
+        (artifacts_dir / f"{graph}.fp32.plan").write_bytes(f"an engine of {graph}".encode())
+        files[graph] = {"fp32": {"file": f"{graph}.fp32.plan", "sha256": file_sha256(artifacts_dir / f"{graph}.fp32.plan")}}
+    manifest["engines"] = {"built": True, "files": files, "tensorrt": "10.0", "gpu": "a GPU", "compute_capability": "9.0"}
+    (artifacts_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("triton-repo", "--artifacts", artifacts_dir, "--out", tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    for graph, name in GRAPH_MODELS.items():
+        parsed = read_model_config(tmp_path / "repo" / name / "config.pbtxt")
+        assert parsed.platform == "tensorrt_plan" and parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
+        assert (tmp_path / "repo" / name / "1" / "model.plan").read_bytes() == f"an engine of {graph}".encode()
+    budget = read_model_config(tmp_path / "repo" / SCORE_PAIRS / "config.pbtxt").parameters["block_budget"].string_value
+    assert int(budget) == plan_budget(Artifacts.open(artifacts_dir))
+    assert not (tmp_path / "repo" / SEARCH_TEXT).exists()  # no --images: no image search
+    result = invoke("triton-repo", "--artifacts", artifacts_dir, "--out", tmp_path / "repo2", "--precision", "fp16")
+    assert result.exit_code != 0 and "no fp16 image_encoder" in result.output and not (tmp_path / "repo2").exists()
+
+
+def test_triton_repo_refuses_bad_input_in_one_line(exported, tmp_path):
+    artifacts = exported["root"] / "artifacts"
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    for args, message in ((["--out", tmp_path / "r", "--precision", "fp99"], "unknown precision 'fp99'"),
+                          (["--out", tmp_path / "theirs"], "non-empty directory that xmr did not write"),
+                          (["--out", tmp_path / "r", "--images", tmp_path / "none.npy"], "not a .npy file"),
+                          (["--out", tmp_path / "r", "--max-batch", 0], "max-batch must be a positive integer")):
+        result = invoke("triton-repo", "--artifacts", artifacts, *args)
+        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine" and not (tmp_path / "r").exists()
+
+
+def test_the_bls_front_models_of_a_triton_repo_serve_the_in_process_scorers_results(exported, tmp_path):
+    from google.protobuf import text_format
+
+    from xmr.serve.graph_repository import GRAPH_MODELS
+    from xmr.serve.server import running_server
+
+    repo = _graph_repository(exported, tmp_path / "repo")
+    for name in GRAPH_MODELS.values():  # the bundled server has only the Python backend: stand-ins run model.onnx
+        parsed = read_model_config(repo / name / "config.pbtxt")
+        parsed.platform, parsed.backend = "", "python"
+        (repo / name / "config.pbtxt").write_text(text_format.MessageToString(parsed))
+        (repo / name / "1" / "model.py").write_text(GRAPH_STANDIN)
+    split, root = exported["split"], exported["root"]
+    scorer = Scorer.load(root / "artifacts", backend="onnxruntime", threads=1, device="cpu")
+    images, texts = scorer.encode_images(split.features), scorer.encode_texts(split.captions)
+    ports = free_ports(3)
+    config = ServeConfig(artifacts=str(root / "artifacts"), http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
+    with running_server(config, ready_timeout_s=READY_TIMEOUT_S, repository=repo, log_file=tmp_path / "triton.log"):
+        client = http.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+        try:
+            for captions in (split.captions[:1], split.captions[3:6]):
+                result = client.infer(SEARCH_TEXT, [_text(http, captions)])
+                expected = scorer.search(captions, images, k=4)
+                np.testing.assert_array_equal(result.as_numpy("indices"), expected.indices)
+                np.testing.assert_array_equal(result.as_numpy("scores"), expected.scores)
+            features = np.asarray(split.features[2:4], dtype=np.float32)
+            result = client.infer(SEARCH_IMAGE, [_features(http, features), _k(http, 5, 2)])
+            expected = scorer.search(features, texts, k=5)
+            np.testing.assert_array_equal(result.as_numpy("indices"), expected.indices)
+            np.testing.assert_array_equal(result.as_numpy("scores"), expected.scores)
+            captions = [split.captions[0], split.captions[9]]
+            result = client.infer(SCORE_PAIRS, [_features(http, features), _text(http, captions)])
+            np.testing.assert_array_equal(result.as_numpy("score")[:, 0],
+                                          scorer.score_pairs(features, captions, [(0, 0), (1, 1)]))
+            with pytest.raises(InferenceServerException, match="empty"):
+                client.infer(SEARCH_TEXT, [_text(http, [""])])
+        finally:
+            client.close()
+
+
+def test_a_model_that_fails_to_load_stops_the_start_at_once_with_a_serve_error(exported, tmp_path):
+    from xmr.serve.server import running_server
+
+    repo = _graph_repository(exported, tmp_path / "repo")
+    (repo / SCORE_PAIRS / "artifacts" / "manifest.json").write_text("{not json")
+    ports = free_ports(3)
+    config = ServeConfig(artifacts="", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
+    started = time.monotonic()
+    with pytest.raises(ServeError, match="stopped while loading"):
+        with running_server(config, ready_timeout_s=READY_TIMEOUT_S, repository=repo, log_file=tmp_path / "log"):
+            pass
+    assert time.monotonic() - started < 60  # not PyTriton's 120 s wait
+    assert "manifest.json is not valid JSON" in (tmp_path / "log").read_text()
+    assert json.loads((exported["root"] / "artifacts" / "manifest.json").read_text())  # a copy was broken, not the artifacts

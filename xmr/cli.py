@@ -478,6 +478,38 @@ def serve_command(
           announce=lambda line: console.print(line, soft_wrap=True))
 
 
+@app.command("triton-repo")
+def triton_repo_command(
+    artifacts: Path = typer.Option(..., help="Artifact directory (xmr export)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the model repository (a new directory)."),
+    precision: str = typer.Option("fp32", help="Which exported graphs (or TensorRT engines) to serve: fp32, fp16, "
+                                               "bf16 or int8."),
+    images: Optional[Path] = typer.Option(None, help="Image gallery for xmr_search_text, copied in: features .npy "
+                                                     "or a saved gallery [default: no xmr_search_text]."),
+    captions: Optional[Path] = typer.Option(None, help="Caption gallery for xmr_search_image: .txt or a saved "
+                                                       "gallery [default: no xmr_search_image]."),
+    k: int = typer.Option(10, help="Results per query when a request sends no k."),
+    shortlist: Optional[int] = typer.Option(None, help="Two-stage search: gallery items rescored per query."),
+    max_batch: int = typer.Option(64, help="Front models' max_batch_size: rows per batch."),
+    max_queue_delay_us: int = typer.Option(2000, help="How long a request waits for others to batch with, µs."),
+    max_queue: int = typer.Option(256, help="Requests waiting per front model; beyond it requests are rejected."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+) -> None:
+    """Write a Triton model repository for GPU fleets: the three graphs as tensorrt_plan models
+    (when the artifacts hold engines of PRECISION) or onnxruntime models, and Python-backend
+    (BLS) models with xmr serve's tensor names that schedule pair scoring over them."""
+    from xmr.serve.graph_repository import write_graph_repository
+    from xmr.serve.repository import ServeConfig
+
+    config = ServeConfig(artifacts=str(artifacts), images=None if images is None else str(images),
+                         captions=None if captions is None else str(captions), precision=precision, k=k,
+                         shortlist=shortlist, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
+                         max_queue=max_queue)
+    record = write_graph_repository(out, config, overwrite=overwrite)
+    console.print(f"wrote {out}: {record['graphs']} graphs ({precision}), models {', '.join(record['models'])}",
+                  soft_wrap=True)
+
+
 def _remote_serve_bench(target: str, data: Optional[Path], artifacts: Optional[Path], backend: Optional[str],
                         precision: Optional[str], seconds: Optional[float], out: Path, quick: bool,
                         overwrite: bool) -> None:

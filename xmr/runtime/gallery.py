@@ -159,7 +159,7 @@ class Gallery:
                 header["index"] = {"kind": INDEX_KIND, "probes": self.index.probes}
             header["digest"] = _digest(header)
             (work / GALLERY).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
-            keep_foreign(path, work, _gallery_files(path))
+            keep_foreign(path, work, gallery_files(path))
         return path
 
     @staticmethod
@@ -220,7 +220,7 @@ def is_gallery(path: Path) -> bool:
     return isinstance(header, dict) and header.get("format") == FORMAT
 
 
-def _gallery_files(path: Path) -> set[str]:
+def gallery_files(path: Path) -> set[str]:
     """The entries a saved gallery at ``path`` consists of (none if it is not one)."""
     if not is_gallery(path):
         return set()

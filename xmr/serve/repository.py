@@ -33,7 +33,7 @@ class ServeConfig:
     server's addresses and Triton's dynamic batcher (per model)."""
 
     artifacts: str
-    images: str  # image features (.npy, [N, R, img_dim]) or a saved image gallery directory
+    images: str | None = None  # image features (.npy, [N, R, img_dim]) or a saved image gallery directory
     captions: str | None = None  # captions (.txt, one per line) or a saved caption gallery directory
     backend: str = "auto"
     precision: str = "fp32"
@@ -62,11 +62,14 @@ class ServeConfig:
 
 def model_names(config: ServeConfig) -> list[str]:
     """The models a configuration serves."""
-    return [SEARCH_TEXT, SCORE_PAIRS] + ([SEARCH_IMAGE] if config.captions is not None else [])
+    return ([SEARCH_TEXT] if config.images is not None else []) + [SCORE_PAIRS] + \
+        ([SEARCH_IMAGE] if config.captions is not None else [])
 
 
-def model_config(name: str, config: ServeConfig, regions: int, img_dim: int, gpu: bool) -> Any:
-    """Triton's ``ModelConfig`` protobuf of model ``name``."""
+def model_config(name: str, config: ServeConfig, regions: int, img_dim: int, gpu: bool,
+                 parameters: dict[str, str] | None = None) -> Any:
+    """Triton's ``ModelConfig`` protobuf of model ``name``; ``parameters`` replace the ones
+    made from ``config`` (what ``triton_model`` reads at load)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
     types = pb.DataType
@@ -85,7 +88,7 @@ def model_config(name: str, config: ServeConfig, regions: int, img_dim: int, gpu
                   "precision": config.precision, "device": config.device or "",
                   "threads": str(config.threads or model_threads(config)),
                   "k": str(config.k), "shortlist": str(config.shortlist or ""),
-                  "gallery": _gallery_for(name, config)}
+                  "gallery": _gallery_for(name, config), **(parameters or {})}
     return pb.ModelConfig(name=name, backend="python", max_batch_size=config.max_batch, input=inputs, output=outputs,
                           dynamic_batching=batching, instance_group=[pb.ModelInstanceGroup(kind=kind, count=1)],
                           parameters={key: pb.ModelParameter(string_value=value) for key, value in parameters.items()})
@@ -109,15 +112,24 @@ def _gallery_for(name: str, config: ServeConfig) -> str:
 def write_repository(root: Path, config: ServeConfig, regions: int, img_dim: int, gpu: bool = False) -> Path:
     """The model repository for ``config`` under ``root`` (a new directory): per model
     ``NAME/config.pbtxt`` and ``NAME/1/model.py``."""
-    from google.protobuf import text_format
-
     root.mkdir(parents=True)
     for name in model_names(config):
-        (root / name / "1").mkdir(parents=True)
-        message = model_config(name, config, regions, img_dim, gpu)
-        (root / name / "config.pbtxt").write_text(text_format.MessageToString(message), encoding="utf-8")
-        (root / name / "1" / "model.py").write_text(MODEL_PY, encoding="utf-8")
+        write_python_model(root / name, model_config(name, config, regions, img_dim, gpu))
     return root
+
+
+def write_model_config(directory: Path, message: Any) -> None:
+    """``directory/config.pbtxt``: ``message`` (a ``ModelConfig``) in protobuf text format."""
+    from google.protobuf import text_format
+
+    (directory / "config.pbtxt").write_text(text_format.MessageToString(message), encoding="utf-8")
+
+
+def write_python_model(directory: Path, message: Any) -> None:
+    """A Python-backend model running ``triton_model`` at ``directory``: its config and ``1/model.py``."""
+    (directory / "1").mkdir(parents=True, exist_ok=True)
+    write_model_config(directory, message)
+    (directory / "1" / "model.py").write_text(MODEL_PY, encoding="utf-8")
 
 
 def read_model_config(path: Path) -> Any:

@@ -59,11 +59,13 @@ def python_environment() -> dict[str, str]:
 
 @contextmanager
 def running_server(config: ServeConfig, ready_timeout_s: float = READY_TIMEOUT_S,
-                   exit_timeout_s: int = EXIT_TIMEOUT_S, log_file: Path | None = None) -> Iterator[Any]:
+                   exit_timeout_s: int = EXIT_TIMEOUT_S, log_file: Path | None = None,
+                   repository: Path | None = None) -> Iterator[Any]:
     """Triton serving ``config``'s models until the block exits (then stopped, its workspace
     removed). Yields once the server is ready; ``ServeError`` if it is not within
-    ``ready_timeout_s`` or exits before."""
-    artifacts = check_sources(config)
+    ``ready_timeout_s`` or exits before. ``repository``: serve that model repository (one
+    ``xmr triton-repo`` wrote) at ``config``'s addresses instead."""
+    artifacts = check_sources(config) if repository is None else None
     try:
         from pytriton.triton import Triton, TritonConfig
     except ImportError as e:
@@ -72,8 +74,9 @@ def running_server(config: ServeConfig, ready_timeout_s: float = READY_TIMEOUT_S
     saved = {name: os.environ.get(name) for name in ("LD_LIBRARY_PATH", "TMPDIR")}
     triton = None
     try:
-        repository = write_repository(workspace / "models", config, artifacts.regions, artifacts.config["img_dim"],
-                                      gpu=(config.device or "").startswith("cuda"))
+        if artifacts is not None:
+            repository = write_repository(workspace / "models", config, artifacts.regions,
+                                          artifacts.config["img_dim"], gpu=(config.device or "").startswith("cuda"))
         (workspace / "tmp").mkdir()
         os.environ.update({**python_environment(), "TMPDIR": str(workspace / "tmp")})
         triton_config = TritonConfig(
@@ -82,10 +85,10 @@ def running_server(config: ServeConfig, ready_timeout_s: float = READY_TIMEOUT_S
             metrics_port=config.metrics_port, strict_readiness=True, exit_on_error=True,
             exit_timeout_secs=exit_timeout_s, log_file=log_file)
         triton = Triton(config=triton_config, workspace=workspace / "triton")
-        try:
-            triton.run()
-        except TimeoutError:  # PyTriton waits 120 s; loading a large gallery may take longer (waited for below)
-            pass
+        # Start tritonserver only: PyTriton's run() then waits up to 120 s for readiness, even after
+        # the server has exited (a model failed to load); wait_ready notices an exit at once and
+        # gives a large gallery longer to encode.
+        triton._run_server()
         wait_ready(f"http://{config.host}:{config.http_port}", ready_timeout_s, triton.is_alive)
         yield triton
     finally:

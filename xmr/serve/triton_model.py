@@ -20,9 +20,11 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 from xmr.data.precomp import load_features, read_captions
 from xmr.errors import InputError, XmrError, first_line
 from xmr.runtime import Scorer
+from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.batched import run_batch
 from xmr.runtime.gallery import concat, is_gallery
 from xmr.runtime.scorer import PairsRequest
+from xmr.serve.graph_repository import BLS_BACKEND
 from xmr.serve.repository import SCORE_PAIRS, SEARCH_IMAGE, SEARCH_TEXT
 
 log = logging.getLogger("xmr.serve")
@@ -31,15 +33,18 @@ log = logging.getLogger("xmr.serve")
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        here = Path(args["model_repository"])  # this model's directory: relative paths start there
         self.task = parameters["task"]
         self.k = int(parameters["k"])
         self.shortlist = int(parameters["shortlist"]) if parameters["shortlist"] else None
-        self.scorer = Scorer.load(parameters["artifacts"], backend=parameters["backend"],
-                                  precision=parameters["precision"], device=parameters["device"] or None,
-                                  threads=int(parameters["threads"]) if parameters["threads"] else None)
-        self.gallery = None
+        self.scorer = _scorer(here / parameters["artifacts"], parameters)
+        self.gallery, self.pending = None, None  # pending: features or captions to encode at the first request
         if self.task in (SEARCH_TEXT, SEARCH_IMAGE):
-            self.gallery = self._gallery(Path(parameters["gallery"]))
+            source = here / parameters["gallery"]
+            if parameters["backend"] == BLS_BACKEND and not is_gallery(source):
+                self.pending = source  # BLS calls (the encoders) are allowed only in execute
+            else:
+                self.gallery = self._gallery(source)
 
     def _gallery(self, source: Path) -> Any:
         """The model's gallery: loaded if ``source`` is a saved one, else encoded from features or captions."""
@@ -50,6 +55,12 @@ class TritonPythonModel:
         return self.scorer.encode_texts(read_captions(source))
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        if self.pending is not None:
+            try:
+                self.gallery, self.pending = self._gallery(self.pending), None
+            except Exception as e:  # noqa: BLE001 - every request of the batch says why; the next batch retries
+                log.exception("encoding the gallery %s failed", self.pending)
+                return [_error(e) for _ in requests]
         checked: dict[int, Any] = {}
         responses: list[Any] = [None] * len(requests)
         for i, request in enumerate(requests):
@@ -116,6 +127,20 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.scorer.close()
+
+
+def _scorer(artifacts: Path, parameters: dict[str, str]) -> Scorer:
+    """The model's scorer: over the graph models of this server (backend ``triton``, a
+    repository from ``xmr triton-repo``) or a backend of this process (``xmr serve``)."""
+    budget = int(parameters["block_budget"]) if parameters.get("block_budget") else None
+    if parameters["backend"] == BLS_BACKEND:
+        from xmr.serve.bls_backend import TritonGraphBackend
+
+        backend = TritonGraphBackend(Artifacts.open(artifacts), parameters["precision"], parameters["graphs"])
+        return Scorer(backend, block_budget=budget)
+    return Scorer.load(artifacts, backend=parameters["backend"], precision=parameters["precision"],
+                       device=parameters["device"] or None, block_budget=budget,
+                       threads=int(parameters["threads"]) if parameters["threads"] else None)
 
 
 def _offsets(requests: list[PairsRequest]) -> list[int]:
