@@ -453,3 +453,16 @@ def test_a_model_that_fails_to_load_stops_the_start_at_once_with_a_serve_error(e
     assert time.monotonic() - started < 60  # not PyTriton's 120 s wait
     assert "manifest.json is not valid JSON" in (tmp_path / "log").read_text()
     assert json.loads((exported["root"] / "artifacts" / "manifest.json").read_text())  # a copy was broken, not the artifacts
+
+
+def test_scorers_of_served_models_do_not_spin_and_score_the_same(exported):
+    artifacts, split = exported["root"] / "artifacts", exported["split"]
+    quiet = Scorer.load(artifacts, backend="onnxruntime", device="cpu", spin=False)
+    entries = {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+               for s in quiet._backend.sessions.values()}
+    assert entries == {"0"}
+    spinning = Scorer.load(artifacts, backend="onnxruntime", device="cpu")
+    np.testing.assert_array_equal(quiet.score(split.features, split.captions),
+                                  spinning.score(split.features, split.captions))
+    with pytest.raises(InputError, match="spin must be True or False"):
+        Scorer.load(artifacts, backend="onnxruntime", spin="no")

@@ -454,7 +454,7 @@ def serve_command(
     backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, openvino or torch."),
     precision: str = typer.Option("fp32", help="fp32, fp16, bf16 or int8."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads per model [default: the available cores shared equally by the models]."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per model [default: every available core; idle models do not spin]."),
     k: int = typer.Option(10, help="Results per query when a request sends no k."),
     shortlist: Optional[int] = typer.Option(None, help="Two-stage search: gallery items rescored per query "
                                                        "[default: exhaustive]."),

@@ -109,7 +109,7 @@ class Scorer:
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "auto", precision: str = "fp32", device: str | None = None,
              *, threads: int | None = None, block_budget: int | None = None, max_length: int | None = None,
-             truncate: bool = True, bucketed: bool = True, verify: bool = True) -> Scorer:
+             truncate: bool = True, bucketed: bool = True, verify: bool = True, spin: bool = True) -> Scorer:
         """A scorer over ``xmr export``'s artifacts.
 
         ``backend``: ``auto`` (the fastest available for ``precision`` on this machine:
@@ -121,14 +121,18 @@ class Scorer:
         when smaller; at least 3, at most that profile's); longer captions are cut with an
         ``InputWarning`` (refused if ``truncate`` is false); raw text beyond the cap is never
         tokenised. ``verify``: check every file against the manifest's sha256 (False: names are
-        still confined to the artifact directory, only the hashing is skipped)."""
+        still confined to the artifact directory, only the hashing is skipped). ``spin``: ONNX
+        Runtime's idle threads spin-wait for work (its default; False when several processes
+        share the cores, as ``xmr serve``'s models do)."""
+        if not isinstance(spin, bool):
+            raise InputError(f"spin must be True or False, got {spin!r}")
         if threads is not None:
             positive_int(threads, "threads")
         if max_length is not None:
             caption_cap(max_length, None)  # its range now; the engines' limit once the backend is known
         _check_options(block_budget, truncate, bucketed)
         artifacts = Artifacts.open(artifact_dir, verify)
-        chosen = create_backend(artifacts, backend, precision, device, threads=threads)
+        chosen = create_backend(artifacts, backend, precision, device, threads=threads, spin=spin)
         scorer = cls(chosen, block_budget=block_budget, max_length=max_length, truncate=truncate, bucketed=bucketed)
         log.info("xmr runtime: %s %s, %s (asked: backend=%s)", artifacts.kind, artifact_dir, chosen.describe(), backend)
         return scorer

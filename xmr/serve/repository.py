@@ -86,7 +86,7 @@ def model_config(name: str, config: ServeConfig, regions: int, img_dim: int, gpu
     kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
     parameters = {"task": name, "artifacts": str(Path(config.artifacts).resolve()), "backend": config.backend,
                   "precision": config.precision, "device": config.device or "",
-                  "threads": str(config.threads or model_threads(config)),
+                  "threads": str(config.threads or default_threads()),
                   "k": str(config.k), "shortlist": str(config.shortlist or ""),
                   "gallery": _gallery_for(name, config), **(parameters or {})}
     return pb.ModelConfig(name=name, backend="python", max_batch_size=config.max_batch, input=inputs, output=outputs,
@@ -94,14 +94,15 @@ def model_config(name: str, config: ServeConfig, regions: int, img_dim: int, gpu
                           parameters={key: pb.ModelParameter(string_value=value) for key, value in parameters.items()})
 
 
-def model_threads(config: ServeConfig) -> int:
-    """CPU threads per model by default: an equal share of the cores this process may use.
-    Each model is its own process; thread pools of several processes on the same cores
-    preempt each other (measured on 2 cores, 2 threads each: 1 request in 20 stalled ~0.5 s;
-    1 thread each: none, at the same median latency)."""
+def default_threads() -> int:
+    """CPU threads per model by default: every core this process may use. Each model is its
+    own process; their ONNX Runtime pools do not spin-wait (``Scorer.load(spin=False)``), so
+    an idle model leaves its cores to a busy one (measured on 2 cores, text->image at 16
+    clients: 2 threads each without spinning 1.4x the QPS of 1 thread each; 2 threads each
+    spinning stalled 1 request in 20 for ~0.5 s)."""
     from xmr.cpu import available_cores
 
-    return max(1, available_cores() // len(model_names(config)))
+    return available_cores()
 
 
 def _gallery_for(name: str, config: ServeConfig) -> str:

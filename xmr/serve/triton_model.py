@@ -139,7 +139,7 @@ def _scorer(artifacts: Path, parameters: dict[str, str]) -> Scorer:
         backend = TritonGraphBackend(Artifacts.open(artifacts), parameters["precision"], parameters["graphs"])
         return Scorer(backend, block_budget=budget)
     return Scorer.load(artifacts, backend=parameters["backend"], precision=parameters["precision"],
-                       device=parameters["device"] or None, block_budget=budget,
+                       device=parameters["device"] or None, block_budget=budget, spin=False,  # processes share cores
                        threads=int(parameters["threads"]) if parameters["threads"] else None)
 
 

@@ -100,5 +100,6 @@ def _auto_device(candidate: str, device: str | None) -> str | None:
 
 def _create(artifacts: Artifacts, name: str, precision: str, device: str | None, options: dict) -> Backend:
     if name in THREADED:
-        return BACKENDS[name](artifacts, precision, device, threads=options.get("threads"))
+        return BACKENDS[name](artifacts, precision, device, threads=options.get("threads"),
+                              spin=options.get("spin", True))
     return BACKENDS[name](artifacts, precision, device)

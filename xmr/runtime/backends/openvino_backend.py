@@ -52,7 +52,8 @@ class OpenVINOBackend(GraphBackend):
     name = "openvino"
 
     def __init__(self, artifacts: Artifacts, precision: str, device: str | torch.device | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spin: bool = True) -> None:
+        """``spin``: for the ONNX Runtime text encoder (``onnx_sessions``)."""
         super().__init__(artifacts, precision)
         if (problem := openvino_problem(precision, device)) is not None:
             raise BackendUnavailableError(problem)
@@ -71,7 +72,7 @@ class OpenVINOBackend(GraphBackend):
                    "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
         self.requests, self.inputs, self.outputs, self.from_cache = {}, {}, {}, {}
         text_encoder = artifacts.graph("text_encoder", "fp32")
-        self.sessions = onnx_sessions({"text_encoder": text_encoder}, self.threads)
+        self.sessions = onnx_sessions({"text_encoder": text_encoder}, self.threads, spin=spin)
         self.inputs["text_encoder"] = [i.name for i in self.sessions["text_encoder"].get_inputs()]
         self.outputs["text_encoder"] = [o.name for o in self.sessions["text_encoder"].get_outputs()]
         for graph in OPENVINO_GRAPHS:
