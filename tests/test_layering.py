@@ -22,7 +22,8 @@ PACKAGE = ROOT / "xmr"
 
 # Lowest first; a module may import its own layer and any layer before it. "base": the
 # top-level modules anyone may import.
-LAYERS = ["base", "data", "models", "export", "runtime", "serve", "eval", "calibration", "train", "benchmark", "cli"]
+LAYERS = ["base", "data", "models", "export", "runtime", "serve", "matrix", "eval", "calibration", "train", "benchmark",
+          "cli"]
 BASE = {"xmr", "xmr.errors", "xmr.config", "xmr.paths", "xmr.outputs", "xmr.progress", "xmr.device", "xmr.cpu"}
 
 # What serving does not need: none of it may be loaded by ``import xmr.runtime``.

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -30,7 +30,7 @@ from typer._click import exceptions as click_errors
 # option answer at once; each command imports the library it calls.
 from xmr.calibration.config import METHODS
 from xmr.data import DEFAULT_DATA
-from xmr.errors import XmrError
+from xmr.errors import InputError, XmrError
 from xmr.models.config import IMRAM_MODES, SIZES
 from xmr.models.registry import cross_attention_models, list_models
 from xmr.progress import console
@@ -43,6 +43,9 @@ app.add_typer(data_app, name="data")
 # OSErrors a user causes (a path, a full or read-only disk): one line, like XmrError
 USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
                errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.ELOOP, errno.EXDEV, errno.EFBIG}
+RAY_HELP = 'Run on Ray (pip install -e ".[ray]"): a local cluster on this machine, or the one --ray-address names.'
+RAY_ADDRESS_HELP = "A running Ray cluster, HEAD:6379 (implies --ray)."
+WORKERS_HELP = "Ray actors [default: one per GPU, else one per 4 CPUs]."
 OVERWRITE_HELP = "Replace what is at the output path even if xmr did not write it."
 
 
@@ -200,12 +203,16 @@ def eval_command(
     shortlist: Optional[int] = typer.Option(None, help="Two-stage: rescore only each query's K best by the prefilter "
                                             "head (ALBEF/BLIP k_test), both ways."),
     compare: bool = typer.Option(False, "--compare", help="With --shortlist: exhaustive recall beside it."),
+    ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
+    ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
 ) -> None:
     """Recall@1/5/10 both ways, rsum, medr and meanr of a checkpoint on a split."""
     from xmr.train.defaults import evaluate_checkpoint
 
     measured = evaluate_checkpoint(checkpoint, data=data, split=split, fold5=fold5, vocab=vocab, device=device,
-                                   json_out=json_out, overwrite=overwrite, shortlist=shortlist, compare=compare)
+                                   json_out=json_out, overwrite=overwrite, shortlist=shortlist, compare=compare,
+                                   ray=_ray_options(ray, ray_address, workers))
     title = f"{measured.kind} on {data}/{split}{' (5-fold 1K)' if fold5 else ''}"
     if measured.shortlist is None:
         console.print(_report_table(title, measured.result.report.to_dict()))
@@ -478,6 +485,38 @@ def serve_command(
           announce=lambda line: console.print(line, soft_wrap=True))
 
 
+@app.command("score-matrix")
+def score_matrix_command(
+    artifacts: Path = typer.Option(..., help="Artifact directory (xmr export)."),
+    images: Path = typer.Option(..., help="Region features .npy [N, R, img_dim] (memory-mapped)."),
+    captions: Path = typer.Option(..., help="Captions .txt, one per line."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (rerunning the same job resumes it)."),
+    top_k: Optional[int] = typer.Option(None, help="Keep per image the K best captions and per caption the K best "
+                                                   "images instead of the full matrix."),
+    backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, openvino or torch."),
+    precision: str = typer.Option("fp32", help="fp32, fp16, bf16 or int8."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+    ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
+    ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    tile_images: int = typer.Option(512, help="Images per tile."),
+    tile_captions: int = typer.Option(2048, help="Captions per tile."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+) -> None:
+    """Score every (image, caption) pair into a memory-mapped matrix (or per-row/column
+    top-K), in tiles, in this process or on a Ray cluster; same results either way."""
+    from xmr.matrix import MatrixJob, score_matrix
+
+    options = _ray_options(ray, ray_address, workers)
+    job = MatrixJob(artifacts=str(artifacts), images=str(images), captions=str(captions), backend=backend,
+                    precision=precision, device=device, top_k=top_k, tile_images=tile_images,
+                    tile_captions=tile_captions)
+    result = score_matrix(job, out, ray=options, overwrite=overwrite)
+    what = f"top-{top_k}" if top_k else "full matrix"
+    console.print(f"wrote {out}: {what} of {result['shape'][0]} x {result['shape'][1]} pairs, {result['scored']} "
+                  f"tiles scored, {result['skipped']} resumed", soft_wrap=True)
+
+
 @app.command("triton-repo")
 def triton_repo_command(
     artifacts: Path = typer.Option(..., help="Artifact directory (xmr export)."),
@@ -525,6 +564,19 @@ def _remote_serve_bench(target: str, data: Optional[Path], artifacts: Optional[P
     console.print(remote_table(report))
     path = write_text(out / REMOTE_REPORT, json.dumps(report, indent=2) + "\n")
     console.print(f"report: {path}")
+
+
+def _ray_options(ray: bool, address: Optional[str], workers: Optional[int]) -> Any:
+    """``--ray``, ``--ray-address``, ``--workers`` as ``RayOptions`` (None: not on Ray)."""
+    from xmr.matrix.run import RayOptions
+
+    if not ray and address is None:
+        if workers is not None:
+            raise InputError("--workers needs --ray")
+        return None
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be a positive integer, got {workers}")
+    return RayOptions(address, workers)
 
 
 def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:

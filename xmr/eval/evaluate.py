@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from xmr.data.precomp import PrecompSplit
-from xmr.errors import ShapeError
+from xmr.errors import ConfigError, ShapeError
 from xmr.eval.metrics import RecallReport, mean_report, recall_report
 from xmr.models.base import RetrievalModel
+from xmr.matrix.run import CheckpointSpec, RayOptions, matrix_scores
 from xmr.runtime import Scorer, TorchBackend
 
 
@@ -58,21 +59,29 @@ def split_scores(scorer: Scorer, split: PrecompSplit, n_images: int | None = Non
     return scorer.score(images, texts, show_progress=show_progress, description=description)
 
 
+def longest_caption(split: PrecompSplit) -> int:
+    """Tokens of ``split``'s longest caption (at least 3: ``<start>``, a word, ``<end>``)."""
+    return max(3, max(len(split.caption_ids(i)) for i in range(split.n_captions)))  # tokenised once, cached
+
+
 def model_scorer(model: RetrievalModel, split: PrecompSplit) -> Scorer:
     """A scorer over the in-memory ``model`` for ``split``'s images, taking its longest caption."""
-    longest = max(len(split.caption_ids(i)) for i in range(split.n_captions))  # tokenised once, cached
-    return Scorer(TorchBackend.from_model(model, split.regions), max_length=max(3, longest))
+    return Scorer(TorchBackend.from_model(model, split.regions), max_length=longest_caption(split))
 
 
-def evaluate(model: RetrievalModel, split: PrecompSplit, fold5: bool = False, show_progress: bool = True) -> EvalResult:
+def evaluate(model: RetrievalModel, split: PrecompSplit, fold5: bool = False, show_progress: bool = True,
+             ray: RayOptions | None = None, checkpoint: Path | None = None) -> EvalResult:
     """Score every (image, caption) pair of ``split`` and compute R@1/5/10, medr, meanr, rsum.
 
     ``fold5`` is COCO's 1K protocol: the mean over 5 folds of 1000 images, each scored
     against its own 5000 captions only. A split whose features or vocabulary do not fit the
-    model is refused first (``DataError``/``VocabError``); so are NaN scores (``ShapeError``)."""
+    model is refused first (``DataError``/``VocabError``); so are NaN scores (``ShapeError``).
+    ``ray``: the score matrix in tiles on Ray actors, each loading ``checkpoint`` (``model``'s)."""
     split.check_fits(model.config)
     if fold5 and split.n_images % 5:
         raise ShapeError(f"--fold5 needs a number of images divisible by 5, got {split.n_images}")
+    if ray is not None:
+        return _evaluate_on_ray(model, split, fold5, ray, checkpoint, show_progress)
     scorer = model_scorer(model, split)
     if not fold5:
         scores = split_scores(scorer, split, show_progress=show_progress)
@@ -86,3 +95,21 @@ def evaluate(model: RetrievalModel, split: PrecompSplit, fold5: bool = False, sh
         fold_texts = texts.select(np.arange(f * size * per, (f + 1) * size * per))
         folds.append(recall_report(scorer.score(fold_images, fold_texts, show_progress=show_progress), per))
     return EvalResult(mean_report(folds), folds)
+
+
+def _evaluate_on_ray(model: RetrievalModel, split: PrecompSplit, fold5: bool, ray: RayOptions,
+                     checkpoint: Path | None, show_progress: bool) -> EvalResult:
+    """``evaluate`` with the score matrix (the folds' blocks with ``fold5``) from Ray actors."""
+    if checkpoint is None:
+        raise ConfigError("evaluating on Ray needs the checkpoint's path: each actor loads it")
+    device = str(next(model.parameters()).device)
+    spec = CheckpointSpec(str(checkpoint), split.regions, longest_caption(split), device)
+    n, per = split.n_images, split.per_image
+    size = n // 5 if fold5 else n
+    blocks = [((f * size, (f + 1) * size), (f * size * per, (f + 1) * size * per)) for f in range(n // size)]
+    scores = matrix_scores(spec, np.asarray(split.features), split.caption_batch(range(n * per)), blocks, ray,
+                           show_progress=show_progress)
+    reports = [recall_report(scores[slice(*images), slice(*captions)], per) for images, captions in blocks]
+    if not fold5:
+        return EvalResult(reports[0], [], scores)
+    return EvalResult(mean_report(reports), reports)

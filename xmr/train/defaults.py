@@ -38,6 +38,7 @@ from xmr.export.manifest import MANIFEST
 from xmr.export.onnx_export import OPSET
 from xmr.export.precision import PRECISIONS as GRAPH_PRECISIONS
 from xmr.export.tensorrt import BuildOptions, ProfileShapes
+from xmr.matrix.run import RayOptions
 from xmr.models import build_model, load_checkpoint, make_config
 from xmr.models.authors import check_output_is_not_input
 from xmr.models.checkpoint import is_checkpoint_file
@@ -183,11 +184,14 @@ class CheckpointEval:
 def evaluate_checkpoint(checkpoint: Path, data: Path = DEFAULT_DATA, split: str = "test", fold5: bool = False,
                         vocab: Optional[Path] = None, device: str = "cpu", json_out: Optional[Path] = None,
                         overwrite: bool = False, show_progress: bool = True, shortlist: Optional[int] = None,
-                        compare: bool = False) -> CheckpointEval:
+                        compare: bool = False, ray: Optional[RayOptions] = None) -> CheckpointEval:
     """``xmr eval``: recall of ``checkpoint`` on ``data``'s ``split`` (COCO's 5-fold 1K with
     ``fold5``), tokenised with ``vocab`` (default: the checkpoint's), written to ``json_out``
     too when given (checked before any work). ``shortlist=K``: the two-stage protocol
-    (``xmr.eval.shortlist``) instead, and exhaustive recall beside it with ``compare``."""
+    (``xmr.eval.shortlist``) instead, and exhaustive recall beside it with ``compare``. ``ray``:
+    the exhaustive score matrix on a Ray cluster (``xmr.matrix``)."""
+    if ray is not None and shortlist is not None:
+        raise ConfigError("--ray scores the exhaustive matrix; it does not take --shortlist yet")
     if shortlist is not None:
         check_int("xmr eval", "--shortlist", shortlist, 1)
         if fold5:
@@ -207,7 +211,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path = DEFAULT_DATA, split: str 
     result, short, seconds = None, None, None
     if shortlist is None or compare:
         started = time.perf_counter()
-        result = evaluate(net, data_split, fold5=fold5, show_progress=show_progress)
+        result = evaluate(net, data_split, fold5=fold5, show_progress=show_progress, ray=ray, checkpoint=checkpoint)
         seconds = time.perf_counter() - started
     if shortlist is not None:
         data_split.check_fits(net.config)

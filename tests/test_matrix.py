@@ -1,0 +1,186 @@
+"""``xmr score-matrix``: tiles, top-K merging, resuming, and Ray runs equal to one process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import invoke
+
+from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
+from xmr.errors import InputError, OutputError
+from xmr.export.artifacts import export_artifacts
+from xmr.matrix import MatrixJob, score_matrix
+from xmr.matrix.run import RayOptions
+from xmr.matrix.tiles import TopK, merge_top_k, plan_tiles, top_k
+from xmr.models import build_model, make_config
+from xmr.models.checkpoint import save_checkpoint
+from xmr.runtime import Scorer
+
+REGIONS, IMG_DIM = 5, 12
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A small IMRAM's artifacts, 14 test images and their 70 captions; tiles of 5 x 16 (3 x 5 tiles)."""
+    root = tmp_path_factory.mktemp("matrix")
+    write_synthetic(root / "data", SynthConfig(n_train=8, n_dev=4, n_test=14, regions=REGIONS, img_dim=IMG_DIM, seed=5))
+    vocab = Vocabulary.load(root / "data" / "vocab.json")
+    torch.manual_seed(0)
+    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=8, word_dim=8), vocab)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    export_artifacts(save_checkpoint(model, root / "model.pt", {"regions": REGIONS}), root / "artifacts", ("fp32",),
+                     engine=False)
+    split = load_split(root / "data", "test", vocab)
+    np.save(root / "images.npy", np.asarray(split.features))
+    (root / "captions.txt").write_text("\n".join(split.captions) + "\n")
+    return MatrixJob(artifacts=str(root / "artifacts"), images=str(root / "images.npy"),
+                     captions=str(root / "captions.txt"), backend="onnxruntime", tile_images=5, tile_captions=16)
+
+
+def _top_k_job(job, k=4):
+    return MatrixJob(**{**job.__dict__, "top_k": k})
+
+
+@pytest.fixture(scope="module")
+def single(job, tmp_path_factory):
+    """The single-process results: full matrix and top-4."""
+    root = tmp_path_factory.mktemp("single")
+    full = score_matrix(job, root / "full", show_progress=False)
+    top = score_matrix(_top_k_job(job), root / "top", show_progress=False)
+    assert (full["tiles"], full["scored"], top["scored"]) == (15, 15, 15)
+    return root
+
+
+def _outputs(path):
+    return {p.stem: np.load(p) for p in sorted(path.glob("*.npy"))}
+
+
+def test_tiles_cover_the_matrix_once_row_major():
+    tiles = plan_tiles(7, 10, 3, 4)
+    assert [(t.images, t.captions) for t in tiles[:4]] == [((0, 3), (0, 4)), ((0, 3), (4, 8)), ((0, 3), (8, 10)),
+                                                          ((3, 6), (0, 4))]
+    covered = np.zeros((7, 10), int)
+    for t in tiles:
+        covered[slice(*t.images), slice(*t.captions)] += 1
+    assert (covered == 1).all() and [t.index for t in tiles] == list(range(len(tiles)))
+
+
+def test_merged_top_k_equals_the_top_k_of_whole_rows_ties_to_the_lower_index():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(6, 23)).astype(np.float32)  # many ties
+    parts = [top_k(scores[:, c:c + 5], 3, offset=c) for c in range(0, 23, 5)]
+    merged, whole = merge_top_k(parts, 3), top_k(scores, 3)
+    np.testing.assert_array_equal(merged.indices, whole.indices)
+    np.testing.assert_array_equal(merged.scores, whole.scores)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(whole.indices, expected)
+    assert isinstance(merged, TopK) and top_k(scores[:, :2], 3).indices.shape == (6, 2)  # k above the width
+
+
+def test_the_single_process_matrix_is_the_scorers_and_its_top_k_the_matrixs(job, single):
+    split_scores = _outputs(single / "full")["scores"]
+    scorer = Scorer.load(job.artifacts, backend="onnxruntime", device="cpu")
+    expected = scorer.score(np.load(job.images), open(job.captions).read().splitlines())
+    np.testing.assert_allclose(split_scores, expected, atol=1e-5)  # other block shapes: float rounding only
+    top = _outputs(single / "top")
+    np.testing.assert_array_equal(top["i2t_indices"], np.argsort(-split_scores, axis=1, kind="stable")[:, :4])
+    np.testing.assert_array_equal(top["t2i_indices"], np.argsort(-split_scores.T, axis=1, kind="stable")[:, :4])
+    np.testing.assert_array_equal(top["i2t_scores"], np.take_along_axis(split_scores, top["i2t_indices"], 1))
+    assert json.loads((single / "full" / "job.json").read_text())["complete"] is True
+
+
+def test_an_interrupted_run_resumes_skipping_the_tiles_it_recorded(job, single, tmp_path):
+    seen = []
+
+    def stop_after_four(tile):
+        seen.append(tile.index)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score_matrix(_top_k_job(job), tmp_path / "run", show_progress=False, after_tile=stop_after_four)
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["complete"] is False
+    resumed = score_matrix(_top_k_job(job), tmp_path / "run", show_progress=False)
+    assert (resumed["skipped"], resumed["scored"]) == (4, 11)
+    for name, array in _outputs(single / "top").items():
+        np.testing.assert_array_equal(_outputs(tmp_path / "run")[name], array, err_msg=name)
+    again = score_matrix(_top_k_job(job), tmp_path / "run", show_progress=False)
+    assert (again["skipped"], again["scored"]) == (15, 0)
+    with pytest.raises(OutputError, match="another score-matrix job"):
+        score_matrix(_top_k_job(job, k=3), tmp_path / "run", show_progress=False)
+    assert score_matrix(_top_k_job(job, k=3), tmp_path / "run", show_progress=False, overwrite=True)["scored"] == 15
+
+
+def test_score_matrix_refuses_bad_input_in_one_line(job, tmp_path):
+    for args, message in ((["--tile-images", 0], "tile-images must be a positive integer"),
+                          (["--top-k", -1], "top-k must be a positive integer"),
+                          (["--workers", 2], "--workers needs --ray"),
+                          (["--images", tmp_path / "none.npy"], "not a .npy file")):
+        base = {"--artifacts": job.artifacts, "--images": job.images, "--captions": job.captions,
+                "--out": tmp_path / "out"}
+        extra = dict(zip(args[::2], args[1::2]))
+        flat = [str(x) for pair in {**base, **extra}.items() for x in pair]
+        result = invoke("score-matrix", *flat)
+        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
+    with pytest.raises(InputError):
+        MatrixJob(**{**job.__dict__, "captions": job.images}).validate()
+
+
+def test_ray_is_imported_only_by_a_ray_run():
+    import subprocess
+    import sys
+
+    code = "import sys, xmr.matrix, xmr.matrix.run, xmr.cli; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+ray = pytest.importorskip("ray")
+
+
+def test_ray_with_two_workers_equals_the_single_process_exactly(job, single, tmp_path):
+    result = invoke("score-matrix", "--artifacts", job.artifacts, "--images", job.images, "--captions", job.captions,
+                    "--out", tmp_path / "full", "--backend", "onnxruntime", "--tile-images", 5, "--tile-captions", 16,
+                    "--ray", "--workers", 2)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(_outputs(tmp_path / "full")["scores"], _outputs(single / "full")["scores"])
+    top = score_matrix(_top_k_job(job), tmp_path / "top", ray=RayOptions(workers=2), show_progress=False)
+    assert top["scored"] == 15
+    for name, array in _outputs(single / "top").items():
+        np.testing.assert_array_equal(_outputs(tmp_path / "top")[name], array, err_msg=name)
+    assert not ray.is_initialized()
+
+
+def test_a_ray_actor_killed_mid_run_has_its_tiles_rescored_elsewhere(job, single, tmp_path):
+    killed = []
+
+    def kill_a_worker(tile):
+        if not killed:
+            actor = ray.get_actor("xmr-tile-worker-0")
+            ray.kill(actor)
+            killed.append(tile.index)
+
+    result = score_matrix(job, tmp_path / "full", ray=RayOptions(workers=2), show_progress=False, after_tile=kill_a_worker)
+    assert killed and result["scored"] == 15
+    np.testing.assert_array_equal(_outputs(tmp_path / "full")["scores"], _outputs(single / "full")["scores"])
+    assert not ray.is_initialized()
+
+
+def test_eval_on_ray_gives_the_recall_of_eval_in_one_process(job, tmp_path):
+    from pathlib import Path
+
+    root = Path(job.artifacts).parent
+    args = ("eval", root / "model.pt", "--data", root / "data")
+    here = invoke(*args, "--json", tmp_path / "here.json")
+    assert here.exit_code == 0, here.output
+    on_ray = invoke(*args, "--json", tmp_path / "ray.json", "--ray", "--workers", 2)
+    assert on_ray.exit_code == 0, on_ray.output
+    metrics = [json.loads((tmp_path / f"{name}.json").read_text())["metrics"] for name in ("here", "ray")]
+    assert metrics[0] == metrics[1]
+    refused = invoke(*args, "--ray", "--shortlist", 4)
+    assert refused.exit_code == 2 and "does not take --shortlist" in refused.stderr
+    assert not ray.is_initialized()

@@ -1,0 +1,113 @@
+"""Scoring a job's tiles: in this process, or on Ray actors (``ray_pool``).
+
+Both encode each gallery once (here; on Ray by one actor, then shared through the object
+store) and score every tile with one ``Scorer.score`` call on the tile's slices of the
+galleries, so both give the same numbers for the same backend and precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmr.data.precomp import load_features, read_captions
+from xmr.matrix.job import MatrixJob, MatrixOutput
+from xmr.matrix.tiles import Tile, plan_tiles
+from xmr.models.checkpoint import load_checkpoint
+from xmr.progress import progress
+from xmr.runtime import Scorer, TorchBackend
+from xmr.runtime.artifacts import Artifacts
+from xmr.runtime.gallery import ImageGallery, TextGallery
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A scorer over a checkpoint's PyTorch model (what ``xmr eval`` scores with), for Ray actors."""
+
+    checkpoint: str
+    regions: int
+    max_length: int
+    device: str = "cpu"
+
+    def load(self, threads: int | None = None) -> Scorer:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        net = load_checkpoint(self.checkpoint, map_location=self.device)
+        return Scorer(TorchBackend.from_model(net, self.regions), max_length=self.max_length)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray run is: ``address`` a running cluster (None: a local one)."""
+
+    address: str | None = None
+    workers: int | None = None
+
+
+Rectangle = tuple[tuple[int, int], tuple[int, int]]  # [start, stop) of images, of captions
+
+
+def matrix_scores(spec: Any, features: np.ndarray, captions: Any, rectangles: list[Rectangle], ray: RayOptions,
+                  tile_images: int = 512, tile_captions: int = 2048, show_progress: bool = True) -> np.ndarray:
+    """float32 scores ``[len(features), len(captions)]`` over ``rectangles`` ((image range,
+    caption range) pairs; NaN elsewhere), in tiles on Ray with ``spec.load(threads)`` scorers."""
+    from xmr.matrix.ray_pool import score_on_ray
+
+    n_captions = len(captions[1]) if isinstance(captions, tuple) else len(captions)
+    scores = np.full((len(features), n_captions), np.nan, dtype=np.float32)
+    tiles: list[Tile] = []
+    for (i0, i1), (c0, c1) in rectangles:  # each rectangle's tiles, moved to where it starts
+        for t in plan_tiles(i1 - i0, c1 - c0, tile_images, tile_captions):
+            tiles.append(Tile(len(tiles), (t.images[0] + i0, t.images[1] + i0), (t.captions[0] + c0, t.captions[1] + c0)))
+    with progress(show_progress) as bar:
+        task = bar.add_task("score tiles on Ray", total=len(tiles), info="")
+
+        def record(tile: Tile, block: np.ndarray) -> None:
+            scores[slice(*tile.images), slice(*tile.captions)] = block
+            bar.advance(task)
+
+        score_on_ray(spec, np.asarray(features), captions, tiles, record, ray.address, ray.workers)
+    return scores
+
+
+def score_tile(scorer: Scorer, images: ImageGallery, texts: TextGallery, tile: Tile) -> np.ndarray:
+    """float32 scores of ``tile``: its images against its captions."""
+    return scorer.score(images.select(np.arange(*tile.images)), texts.select(np.arange(*tile.captions)))
+
+
+def score_matrix(job: MatrixJob, out: Path, *, ray: RayOptions | None = None, overwrite: bool = False,
+                 show_progress: bool = True, after_tile: Callable[[Tile], None] = lambda tile: None) -> dict[str, Any]:
+    """Score ``job`` into ``out`` (``job.MatrixOutput``), skipping tiles an earlier run of the
+    same job recorded; on Ray when ``ray`` is given. Returns the job header with ``tiles``,
+    ``skipped`` and ``scored``."""
+    job.validate()
+    artifacts = Artifacts.open(job.artifacts)
+    features, captions = load_features(Path(job.images)), read_captions(Path(job.captions))
+    tiles = plan_tiles(len(features), len(captions), job.tile_images, job.tile_captions)
+    output = MatrixOutput(out, job, job.fingerprint(artifacts.identity), (len(features), len(captions)), overwrite)
+    done = output.done(tiles)
+    todo = [t for t in tiles if t.index not in done]
+    with progress(show_progress) as bar:
+        task = bar.add_task("score tiles", total=len(tiles), completed=len(done), info=f"{len(done)} resumed")
+
+        def record(tile: Tile, scores: np.ndarray) -> None:
+            output.write(tile, scores)
+            bar.advance(task)
+            after_tile(tile)
+
+        if todo and ray is not None:
+            from xmr.matrix.ray_pool import score_on_ray
+
+            score_on_ray(job, np.asarray(features), captions, todo, record, ray.address, ray.workers)
+        elif todo:
+            scorer = job.load()
+            images, texts = scorer.encode_images(features), scorer.encode_texts(captions)
+            for tile in todo:
+                record(tile, score_tile(scorer, images, texts, tile))
+    header = output.finish(tiles)
+    return {**header, "tiles": len(tiles), "skipped": len(done), "scored": len(todo)}
