@@ -29,7 +29,8 @@ def job(tmp_path_factory):
     write_synthetic(root / "data", SynthConfig(n_train=8, n_dev=4, n_test=14, regions=REGIONS, img_dim=IMG_DIM, seed=5))
     vocab = Vocabulary.load(root / "data" / "vocab.json")
     torch.manual_seed(0)
-    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=8, word_dim=8), vocab)
+    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=8, word_dim=8,
+                                    global_dim=4), vocab)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -181,6 +182,11 @@ def test_eval_on_ray_gives_the_recall_of_eval_in_one_process(job, tmp_path):
     assert on_ray.exit_code == 0, on_ray.output
     metrics = [json.loads((tmp_path / f"{name}.json").read_text())["metrics"] for name in ("here", "ray")]
     assert metrics[0] == metrics[1]
-    refused = invoke(*args, "--ray", "--shortlist", 4)
-    assert refused.exit_code == 2 and "does not take --shortlist" in refused.stderr
+    shortlists = []
+    for name, extra in (("short-here", ()), ("short-ray", ("--ray", "--workers", 2))):
+        result = invoke(*args, "--shortlist", 4, "--json", tmp_path / f"{name}.json", *extra)
+        assert result.exit_code == 0, result.output
+        shortlists.append(json.loads((tmp_path / f"{name}.json").read_text())["shortlist"])
+    for key in ("metrics", "prefilter", "prefilter_recall_at_k", "pairs_scored", "exhaustive_pairs"):
+        assert shortlists[0][key] == shortlists[1][key], key
     assert not ray.is_initialized()

@@ -18,6 +18,7 @@ import numpy as np
 from xmr.data.precomp import PrecompSplit
 from xmr.errors import InputError
 from xmr.eval.metrics import RecallReport, recall_at, recall_report
+from xmr.matrix.run import RayOptions, shortlists_on_ray
 from xmr.runtime import Scorer
 from xmr.runtime.gallery import ImageGallery, TextGallery
 
@@ -54,14 +55,19 @@ def shortlist_recall(scorer: Scorer, images: ImageGallery, texts: TextGallery, p
     """The protocol at shortlist ``k`` on encoded galleries (captions ``per_image`` per image, in image order)."""
     started, before = time.perf_counter(), scorer.stats()["pairs_scored"]
     similarities = (images.vectors @ texts.vectors.T).float().cpu().numpy()  # type: ignore[union-attr]
-    i2t = _rest_below(similarities, *scorer.shortlisted(images, texts, k))
-    t2i = _rest_below(similarities.T, *scorer.shortlisted(texts, images, k)).T
-    report = recall_report(i2t, per_image, t2i)
+    i2t, t2i = scorer.shortlisted(images, texts, k), scorer.shortlisted(texts, images, k)
+    return shortlist_result(similarities, i2t, t2i, per_image, k, scorer.stats()["pairs_scored"] - before, started)
+
+
+def shortlist_result(similarities: np.ndarray, i2t: tuple[np.ndarray, np.ndarray], t2i: tuple[np.ndarray, np.ndarray],
+                     per_image: int, k: int, pairs_scored: int, started: float) -> ShortlistResult:
+    """The figures from the prefilter ``similarities`` and each direction's (candidates, exact scores)."""
+    report = recall_report(_rest_below(similarities, *i2t), per_image, _rest_below(similarities.T, *t2i).T)
     seconds = time.perf_counter() - started
     at_k = recall_at(similarities, per_image, (k,))
     recall = {"i2t": at_k[f"i2t@{k}"] / 100, "t2i": at_k[f"t2i@{k}"] / 100}
-    return ShortlistResult(k, report, recall_report(similarities, per_image), recall,
-                           scorer.stats()["pairs_scored"] - before, similarities.size, seconds)
+    return ShortlistResult(k, report, recall_report(similarities, per_image), recall, pairs_scored, similarities.size,
+                           seconds)
 
 
 def _rest_below(similarities: np.ndarray, candidates: np.ndarray, exact: np.ndarray) -> np.ndarray:
@@ -75,3 +81,12 @@ def _rest_below(similarities: np.ndarray, candidates: np.ndarray, exact: np.ndar
 def evaluate_shortlist(scorer: Scorer, split: PrecompSplit, k: int, show_progress: bool = False) -> ShortlistResult:
     """``shortlist_recall`` on ``split`` (encoded first)."""
     return shortlist_recall(scorer, *split_galleries(scorer, split, show_progress), split.per_image, k)
+
+
+def evaluate_shortlist_on_ray(spec: Any, split: PrecompSplit, k: int, ray: RayOptions,
+                              show_progress: bool = False) -> ShortlistResult:
+    """The protocol on ``split`` with the rescoring on Ray actors (``spec.load``: each actor's scorer)."""
+    started = time.perf_counter()
+    found = shortlists_on_ray(spec, np.asarray(split.features), split.caption_batch(range(split.n_captions)), k, ray,
+                              show_progress=show_progress)
+    return shortlist_result(found.similarities, found.i2t, found.t2i, split.per_image, k, found.pairs_scored, started)

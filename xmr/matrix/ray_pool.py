@@ -21,7 +21,7 @@ import numpy as np
 
 from xmr.cpu import available_cores
 from xmr.errors import XmrError, first_line
-from xmr.matrix.tiles import Tile
+from xmr.matrix.tiles import QueryRows, Tile
 
 IN_FLIGHT = 2  # tiles per actor
 TILE_TIMEOUT_S = 3600.0  # no tile finishing for this long: the run stops
@@ -47,10 +47,22 @@ class TileWorker:
         self.galleries = (images, texts)
         return os.getpid()
 
-    def score(self, tile: Tile) -> np.ndarray:
+    def score(self, item: Tile | QueryRows) -> Any:
+        """A tile's scores; or for query rows, their shortlists: (candidates, exact scores, pairs scored)."""
         from xmr.matrix.run import score_tile
 
-        return score_tile(self.scorer, *self.galleries, tile)  # type: ignore[misc]
+        images, texts = self.galleries  # type: ignore[misc]
+        if isinstance(item, Tile):
+            return score_tile(self.scorer, images, texts, item)
+        queries, gallery = (images, texts) if item.direction == "i2t" else (texts, images)
+        before = self.scorer.stats()["pairs_scored"]
+        candidates, exact = self.scorer.shortlisted(queries.select(np.arange(*item.rows)), gallery, item.k)
+        return candidates, exact, self.scorer.stats()["pairs_scored"] - before
+
+    def vectors(self) -> tuple[Any, Any]:
+        """The galleries' prefilter vectors (None without a head)."""
+        images, texts = self.galleries  # type: ignore[misc]
+        return images.vectors, texts.vectors
 
 
 def connect(address: str | None) -> None:
@@ -83,16 +95,17 @@ def actor_resources(workers: int | None) -> tuple[int, dict[str, float], int | N
     return workers, {"num_cpus": threads}, threads
 
 
-def score_on_ray(spec: Any, features: np.ndarray, captions: Any, tiles: list[Tile],
-                 record: Callable[[Tile, np.ndarray], None], address: str | None, workers: int | None) -> None:
-    """Score ``tiles`` on Ray, calling ``record(tile, scores)`` in this process as each arrives.
+def score_on_ray(spec: Any, features: np.ndarray, captions: Any, tiles: list[Any], record: Callable[[Any, Any], None],
+                 address: str | None, workers: int | None, vectors: bool = False) -> tuple[Any, Any] | None:
+    """Score ``tiles`` (``Tile`` or ``QueryRows``) on Ray, calling ``record(tile, result)`` in
+    this process as each arrives; with ``vectors``, returns the galleries' prefilter vectors.
     ``captions``: raw strings or ``(ids, lengths)``, whatever ``Scorer.encode_texts`` takes."""
     import ray
 
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM'd driver still shuts Ray down
     connect(address)
     try:
-        _run(ray, spec, features, captions, tiles, record, workers)
+        return _run(ray, spec, features, captions, tiles, record, workers, vectors)
     finally:
         ray.shutdown()
         signal.signal(signal.SIGTERM, previous)
@@ -102,8 +115,8 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def _run(ray: Any, spec: Any, features: np.ndarray, captions: Any, tiles: list[Tile],
-         record: Callable[[Tile, np.ndarray], None], workers: int | None) -> None:
+def _run(ray: Any, spec: Any, features: np.ndarray, captions: Any, tiles: list[Any], record: Callable[[Any, Any], None],
+         workers: int | None, vectors: bool) -> tuple[Any, Any] | None:
     from ray.exceptions import RayActorError, RayTaskError
 
     count, resources, threads = actor_resources(workers)
@@ -115,6 +128,7 @@ def _run(ray: Any, spec: Any, features: np.ndarray, captions: Any, tiles: list[T
         galleries = (ray.put(images), ray.put(texts))
         del images, texts
         ray.get([a.hold.remote(*galleries) for a in actors])
+        held = ray.get(actors[0].vectors.remote()) if vectors else None
     except RayTaskError as e:
         raise RayRunError(f"a Ray actor could not load the scorer or encode the galleries: {_cause(e)}") from e
     queue, pending = collections.deque(tiles), {}
@@ -154,6 +168,7 @@ def _run(ray: Any, spec: Any, features: np.ndarray, captions: Any, tiles: list[T
             raise RayRunError(f"tile {tile.name} failed: {_cause(e)}") from e
         record(tile, scores)
         submit(actor)
+    return held
 
 
 def _cause(error: Exception) -> str:

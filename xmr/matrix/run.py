@@ -17,7 +17,8 @@ import torch
 
 from xmr.data.precomp import load_features, read_captions
 from xmr.matrix.job import MatrixJob, MatrixOutput
-from xmr.matrix.tiles import Tile, plan_tiles
+from xmr.errors import InputError
+from xmr.matrix.tiles import QueryRows, Tile, plan_query_rows, plan_tiles
 from xmr.models.checkpoint import load_checkpoint
 from xmr.progress import progress
 from xmr.runtime import Scorer, TorchBackend
@@ -73,6 +74,44 @@ def matrix_scores(spec: Any, features: np.ndarray, captions: Any, rectangles: li
 
         score_on_ray(spec, np.asarray(features), captions, tiles, record, ray.address, ray.workers)
     return scores
+
+
+@dataclass
+class Shortlists:
+    """Both directions' shortlists from Ray: the prefilter similarities ``[Ni, Nt]``, per
+    direction the candidates and their exact scores ``[queries, K]``, and the pairs scored."""
+
+    similarities: np.ndarray
+    i2t: tuple[np.ndarray, np.ndarray]
+    t2i: tuple[np.ndarray, np.ndarray]
+    pairs_scored: int
+
+
+def shortlists_on_ray(spec: Any, features: np.ndarray, captions: Any, k: int, ray: RayOptions, per_task: int = 1024,
+                      show_progress: bool = True) -> Shortlists:
+    """The two-stage protocol's rescoring (``Scorer.shortlisted`` both ways) in tasks of
+    ``per_task`` queries on Ray actors; galleries encoded once, as for tiles."""
+    from xmr.matrix.ray_pool import score_on_ray
+
+    n_captions = len(captions[1]) if isinstance(captions, tuple) else len(captions)
+    tasks = plan_query_rows(len(features), n_captions, k, per_task)
+    found: dict[str, dict[int, Any]] = {"i2t": {}, "t2i": {}}
+    with progress(show_progress) as bar:
+        task = bar.add_task("rescore shortlists on Ray", total=len(tasks), info="")
+
+        def record(rows: QueryRows, result: Any) -> None:
+            found[rows.direction][rows.rows[0]] = result
+            bar.advance(task)
+
+        vectors = score_on_ray(spec, np.asarray(features), captions, tasks, record, ray.address, ray.workers,
+                               vectors=True)
+    if vectors is None or vectors[0] is None or vectors[1] is None:
+        raise InputError("a shortlist needs a prefilter head, and this model has none; add one with "
+                         "`xmr distill CHECKPOINT`")
+    joined = {d: [found[d][start] for start in sorted(found[d])] for d in found}
+    return Shortlists((vectors[0] @ vectors[1].T).float().cpu().numpy(),
+                      *(tuple(np.concatenate([r[i] for r in joined[d]]) for i in (0, 1)) for d in ("i2t", "t2i")),
+                      sum(r[2] for d in joined for r in joined[d]))
 
 
 def score_tile(scorer: Scorer, images: ImageGallery, texts: TextGallery, tile: Tile) -> np.ndarray:

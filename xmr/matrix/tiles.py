@@ -55,3 +55,27 @@ def merge_top_k(parts: list[TopK], k: int) -> TopK:
     scores = np.concatenate([p.scores for p in parts], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # equal scores keep their order: lower index first
     return TopK(np.take_along_axis(indices, order, axis=1), np.take_along_axis(scores, order, axis=1))
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """Queries ``rows`` [start, stop) of one direction (``i2t``: images ask for captions,
+    ``t2i``: captions ask for images), each rescoring its ``k`` best by the prefilter."""
+
+    index: int
+    direction: str
+    rows: tuple[int, int]
+    k: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:06d}"
+
+
+def plan_query_rows(n_images: int, n_captions: int, k: int, per_task: int) -> list[QueryRows]:
+    """Both directions' queries in tasks of ``per_task`` queries."""
+    tasks: list[QueryRows] = []
+    for direction, n in (("i2t", n_images), ("t2i", n_captions)):
+        for start in range(0, n, per_task):
+            tasks.append(QueryRows(len(tasks), direction, (start, min(start + per_task, n)), k))
+    return tasks
