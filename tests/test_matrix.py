@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import invoke
+from conftest import alive, descendants, invoke
 
 from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.errors import InputError, OutputError
@@ -95,7 +95,11 @@ def test_the_single_process_matrix_is_the_scorers_and_its_top_k_the_matrixs(job,
     assert json.loads((single / "full" / "job.json").read_text())["complete"] is True
 
 
-def test_an_interrupted_run_resumes_skipping_the_tiles_it_recorded(job, single, tmp_path):
+@pytest.mark.parametrize("on_ray", [False, True], ids=["one-process", "ray"])
+def test_an_interrupted_run_resumes_skipping_the_tiles_it_recorded(job, single, tmp_path, on_ray):
+    if on_ray:
+        pytest.importorskip("ray")
+    options = RayOptions(workers=2) if on_ray else None
     seen = []
 
     def stop_after_four(tile):
@@ -104,9 +108,9 @@ def test_an_interrupted_run_resumes_skipping_the_tiles_it_recorded(job, single, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        score_matrix(_top_k_job(job), tmp_path / "run", show_progress=False, after_tile=stop_after_four)
+        score_matrix(_top_k_job(job), tmp_path / "run", ray=options, show_progress=False, after_tile=stop_after_four)
     assert json.loads((tmp_path / "run" / "job.json").read_text())["complete"] is False
-    resumed = score_matrix(_top_k_job(job), tmp_path / "run", show_progress=False)
+    resumed = score_matrix(_top_k_job(job), tmp_path / "run", ray=options, show_progress=False)
     assert (resumed["skipped"], resumed["scored"]) == (4, 11)
     for name, array in _outputs(single / "top").items():
         np.testing.assert_array_equal(_outputs(tmp_path / "run")[name], array, err_msg=name)
@@ -190,3 +194,33 @@ def test_eval_on_ray_gives_the_recall_of_eval_in_one_process(job, tmp_path):
     for key in ("metrics", "prefilter", "prefilter_recall_at_k", "pairs_scored", "exhaustive_pairs"):
         assert shortlists[0][key] == shortlists[1][key], key
     assert not ray.is_initialized()
+
+
+def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(job, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "xmr.cli", "score-matrix", "--artifacts", job.artifacts, "--images", job.images,
+               "--captions", job.captions, "--out", str(tmp_path / "out"), "--backend", "onnxruntime",
+               "--tile-images", "1", "--tile-captions", "4", "--ray", "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "out" / "tiles").glob("*.done")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list((tmp_path / "out" / "tiles").glob("*.done")), "no tile was recorded within 120 s"
+        below = descendants(process.pid)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) != 0
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in below if alive(pid)]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+

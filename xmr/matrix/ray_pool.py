@@ -14,6 +14,7 @@ import collections
 import itertools
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -102,13 +103,15 @@ def score_on_ray(spec: Any, features: np.ndarray, captions: Any, tiles: list[Any
     ``captions``: raw strings or ``(ids, lengths)``, whatever ``Scorer.encode_texts`` takes."""
     import ray
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM'd driver still shuts Ray down
-    connect(address)
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None  # a SIGTERM'd driver still shuts Ray down
     try:
+        connect(address)
         return _run(ray, spec, features, captions, tiles, record, workers, vectors)
     finally:
         ray.shutdown()
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(*_: object) -> None:
