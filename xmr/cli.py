@@ -36,7 +36,7 @@ from xmr.models.registry import cross_attention_models, list_models
 from xmr.progress import console
 
 app = typer.Typer(help="Fast inference runtime for cross-attention text-image retrieval (CAMP, IMRAM).",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 data_app = typer.Typer(help="Datasets in the SCAN precomp format.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -440,15 +440,17 @@ def serve_bench_command(
 
 SERVE_SESSION = """A session (docs/serving.md): start, wait for ready, search from Python.
 
+\b
   xmr serve --artifacts artifacts/imram --images data/synth/test_ims.npy \\
       --captions data/synth/test_caps.txt
   curl -s -o /dev/null -w "%{http_code}\\n" localhost:8000/v2/health/ready  # 200
 
+\b
   import numpy as np, tritonclient.http as http
   client = http.InferenceServerClient("127.0.0.1:8000")
-  text = http.InferInput("text", \\[1, 1], "BYTES")
-  text.set_data_from_numpy(np.array(\\[\\[b"a dog runs ."]], dtype=object))
-  print(client.infer("xmr_search_text", \\[text]).as_numpy("indices"))
+  text = http.InferInput("text", [1, 1], "BYTES")
+  text.set_data_from_numpy(np.array([[b"a dog runs ."]], dtype=object))
+  print(client.infer("xmr_search_text", [text]).as_numpy("indices"))
 """
 
 
