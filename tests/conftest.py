@@ -71,6 +71,33 @@ def shared_vocab_path(name: str) -> Path:
     return path
 
 
+def export_small_imram(root: Path, n_test: int, seed: int, regions: int = 5, img_dim: int = 12):
+    """Under ``root``: synthetic ``data/``, a small random IMRAM with a prefilter head
+    (``model.pt``), its fp32 ``artifacts/``, and the test split's ``images.npy`` and
+    ``captions.txt``; returns that split."""
+    import numpy as np
+
+    from xmr.data import load_split
+    from xmr.export.artifacts import export_artifacts
+    from xmr.models.checkpoint import save_checkpoint
+
+    write_synthetic(root / "data", SynthConfig(n_train=8, n_dev=4, n_test=n_test, regions=regions, img_dim=img_dim,
+                                               seed=seed))
+    vocab = Vocabulary.load(root / "data" / "vocab.json")
+    torch.manual_seed(0)
+    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=img_dim, embed_size=8, word_dim=8,
+                                    global_dim=4), vocab)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    export_artifacts(save_checkpoint(model, root / "model.pt", {"regions": regions}), root / "artifacts", ("fp32",),
+                     engine=False)
+    split = load_split(root / "data", "test", vocab)
+    np.save(root / "images.npy", np.asarray(split.features))
+    (root / "captions.txt").write_text("\n".join(split.captions) + "\n")
+    return split
+
+
 @pytest.fixture(scope="session")
 def f30k_vocab() -> Vocabulary:
     return Vocabulary.load(shared_vocab_path("f30k"))

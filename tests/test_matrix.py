@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import alive, descendants, invoke
+from conftest import alive, descendants, export_small_imram, invoke
 
-from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.errors import InputError, OutputError
-from xmr.export.artifacts import export_artifacts
 from xmr.matrix import MatrixJob, score_matrix
 from xmr.matrix.run import RayOptions
 from xmr.matrix.tiles import TopK, merge_top_k, plan_tiles, top_k
-from xmr.models import build_model, make_config
-from xmr.models.checkpoint import save_checkpoint
 from xmr.runtime import Scorer
 
 REGIONS, IMG_DIM = 5, 12
@@ -26,25 +22,13 @@ REGIONS, IMG_DIM = 5, 12
 def job(tmp_path_factory):
     """A small IMRAM's artifacts, 14 test images and their 70 captions; tiles of 5 x 16 (3 x 5 tiles)."""
     root = tmp_path_factory.mktemp("matrix")
-    write_synthetic(root / "data", SynthConfig(n_train=8, n_dev=4, n_test=14, regions=REGIONS, img_dim=IMG_DIM, seed=5))
-    vocab = Vocabulary.load(root / "data" / "vocab.json")
-    torch.manual_seed(0)
-    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=8, word_dim=8,
-                                    global_dim=4), vocab)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    export_artifacts(save_checkpoint(model, root / "model.pt", {"regions": REGIONS}), root / "artifacts", ("fp32",),
-                     engine=False)
-    split = load_split(root / "data", "test", vocab)
-    np.save(root / "images.npy", np.asarray(split.features))
-    (root / "captions.txt").write_text("\n".join(split.captions) + "\n")
+    export_small_imram(root, n_test=14, seed=5, regions=REGIONS, img_dim=IMG_DIM)
     return MatrixJob(artifacts=str(root / "artifacts"), images=str(root / "images.npy"),
                      captions=str(root / "captions.txt"), backend="onnxruntime", tile_images=5, tile_captions=16)
 
 
 def _top_k_job(job, k=4):
-    return MatrixJob(**{**job.__dict__, "top_k": k})
+    return dataclasses.replace(job, top_k=k)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +116,12 @@ def test_score_matrix_refuses_bad_input_in_one_line(job, tmp_path):
         flat = [str(x) for pair in {**base, **extra}.items() for x in pair]
         result = invoke("score-matrix", *flat)
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
+    zero = invoke("score-matrix", "--artifacts", job.artifacts, "--images", job.images, "--captions", job.captions,
+                  "--out", tmp_path / "out", "--ray", "--workers", 0)
+    assert zero.exit_code == 2 and "workers must be a positive integer" in zero.stderr, zero.output
+    assert not (tmp_path / "out").exists()
     with pytest.raises(InputError):
-        MatrixJob(**{**job.__dict__, "captions": job.images}).validate()
+        dataclasses.replace(job, captions=job.images).validate()
 
 
 def test_ray_is_imported_only_by_a_ray_run():

@@ -14,14 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import alive, descendants, invoke
+from conftest import alive, descendants, export_small_imram, invoke
 
-from xmr.data import SynthConfig, Vocabulary, load_split, write_synthetic
 from xmr.errors import InputError
-from xmr.export.artifacts import export_artifacts
-from xmr.models import build_model, make_config
-from xmr.models.checkpoint import save_checkpoint
 from xmr.runtime import Scorer
 from xmr.serve.repository import SCORE_PAIRS, SEARCH_IMAGE, SEARCH_TEXT, ServeConfig, read_model_config, \
     write_repository
@@ -52,19 +47,7 @@ def free_ports(n: int) -> list[int]:
 def exported(tmp_path_factory):
     """Artifacts of a small IMRAM with a prefilter head, the test split, its features and captions as files."""
     root = tmp_path_factory.mktemp("serve")
-    write_synthetic(root / "data", SynthConfig(n_train=8, n_dev=4, n_test=12, regions=REGIONS, img_dim=IMG_DIM, seed=3))
-    vocab = Vocabulary.load(root / "data" / "vocab.json")
-    torch.manual_seed(0)
-    model = build_model(make_config("imram", vocab_size=len(vocab), img_dim=IMG_DIM, embed_size=8, word_dim=8,
-                                    global_dim=4), vocab)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    export_artifacts(save_checkpoint(model, root / "model.pt", {"regions": REGIONS}), root / "artifacts", ("fp32",),
-                     engine=False)
-    split = load_split(root / "data", "test", vocab)
-    np.save(root / "images.npy", np.asarray(split.features))
-    (root / "captions.txt").write_text("\n".join(split.captions) + "\n")
+    split = export_small_imram(root, n_test=12, seed=3, regions=REGIONS, img_dim=IMG_DIM)
     return {"root": root, "split": split}
 
 

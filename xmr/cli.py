@@ -576,8 +576,6 @@ def _ray_options(ray: bool, address: Optional[str], workers: Optional[int]) -> A
         if workers is not None:
             raise InputError("--workers needs --ray")
         return None
-    if workers is not None and workers < 1:
-        raise InputError(f"--workers must be a positive integer, got {workers}")
     return RayOptions(address, workers)
 
 

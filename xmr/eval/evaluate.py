@@ -64,6 +64,11 @@ def longest_caption(split: PrecompSplit) -> int:
     return max(3, max(len(split.caption_ids(i)) for i in range(split.n_captions)))  # tokenised once, cached
 
 
+def checkpoint_spec(checkpoint: Path, split: PrecompSplit, device: str) -> CheckpointSpec:
+    """What a Ray actor loads to score ``split`` as ``model_scorer`` does: ``checkpoint``'s model."""
+    return CheckpointSpec(str(checkpoint), split.regions, longest_caption(split), device)
+
+
 def model_scorer(model: RetrievalModel, split: PrecompSplit) -> Scorer:
     """A scorer over the in-memory ``model`` for ``split``'s images, taking its longest caption."""
     return Scorer(TorchBackend.from_model(model, split.regions), max_length=longest_caption(split))
@@ -102,8 +107,7 @@ def _evaluate_on_ray(model: RetrievalModel, split: PrecompSplit, fold5: bool, ra
     """``evaluate`` with the score matrix (the folds' blocks with ``fold5``) from Ray actors."""
     if checkpoint is None:
         raise ConfigError("evaluating on Ray needs the checkpoint's path: each actor loads it")
-    device = str(next(model.parameters()).device)
-    spec = CheckpointSpec(str(checkpoint), split.regions, longest_caption(split), device)
+    spec = checkpoint_spec(checkpoint, split, str(next(model.parameters()).device))
     n, per = split.n_images, split.per_image
     size = n // 5 if fold5 else n
     blocks = [((f * size, (f + 1) * size), (f * size * per, (f + 1) * size * per)) for f in range(n // size)]

@@ -147,11 +147,9 @@ class MatrixOutput:
 
     def finish(self, tiles: list[Tile]) -> dict[str, Any]:
         """Merge the tiles' top-K (with top_k) and mark the job complete; returns its header."""
-        if self.scores is not None:
-            del self.scores
-            self.scores = None
-        else:
+        if self.scores is None:
             self._merge(tiles)
+        self.scores = None  # the memory map (flushed tile by tile) is closed
         self.header.update(complete=True, finished=datetime.datetime.now(datetime.timezone.utc)
                            .isoformat(timespec="seconds"))
         write_text(self.out / JOB, json.dumps(self.header, indent=2) + "\n")

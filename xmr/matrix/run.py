@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from xmr.data.precomp import load_features, read_captions
-from xmr.matrix.job import MatrixJob, MatrixOutput
 from xmr.errors import InputError
+from xmr.matrix.job import MatrixJob, MatrixOutput
 from xmr.matrix.tiles import QueryRows, Tile, plan_query_rows, plan_tiles
 from xmr.models.checkpoint import load_checkpoint
 from xmr.progress import progress
 from xmr.runtime import Scorer, TorchBackend
 from xmr.runtime.artifacts import Artifacts
 from xmr.runtime.gallery import ImageGallery, TextGallery
+from xmr.runtime.inputs import positive_int
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class RayOptions:
     address: str | None = None
     workers: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.workers is not None:
+            positive_int(self.workers, "workers")
+
 
 Rectangle = tuple[tuple[int, int], tuple[int, int]]  # [start, stop) of images, of captions
 
@@ -59,12 +64,10 @@ def matrix_scores(spec: Any, features: np.ndarray, captions: Any, rectangles: li
     caption range) pairs; NaN elsewhere), in tiles on Ray with ``spec.load(threads)`` scorers."""
     from xmr.matrix.ray_pool import score_on_ray
 
-    n_captions = len(captions[1]) if isinstance(captions, tuple) else len(captions)
-    scores = np.full((len(features), n_captions), np.nan, dtype=np.float32)
+    scores = np.full((len(features), _count(captions)), np.nan, dtype=np.float32)
     tiles: list[Tile] = []
-    for (i0, i1), (c0, c1) in rectangles:  # each rectangle's tiles, moved to where it starts
-        for t in plan_tiles(i1 - i0, c1 - c0, tile_images, tile_captions):
-            tiles.append(Tile(len(tiles), (t.images[0] + i0, t.images[1] + i0), (t.captions[0] + c0, t.captions[1] + c0)))
+    for (i0, i1), (c0, c1) in rectangles:
+        tiles += plan_tiles(i1 - i0, c1 - c0, tile_images, tile_captions, origin=(i0, c0), first=len(tiles))
     with progress(show_progress) as bar:
         task = bar.add_task("score tiles on Ray", total=len(tiles), info="")
 
@@ -93,8 +96,7 @@ def shortlists_on_ray(spec: Any, features: np.ndarray, captions: Any, k: int, ra
     ``per_task`` queries on Ray actors; galleries encoded once, as for tiles."""
     from xmr.matrix.ray_pool import score_on_ray
 
-    n_captions = len(captions[1]) if isinstance(captions, tuple) else len(captions)
-    tasks = plan_query_rows(len(features), n_captions, k, per_task)
+    tasks = plan_query_rows(len(features), _count(captions), k, per_task)
     found: dict[str, dict[int, Any]] = {"i2t": {}, "t2i": {}}
     with progress(show_progress) as bar:
         task = bar.add_task("rescore shortlists on Ray", total=len(tasks), info="")
@@ -112,6 +114,11 @@ def shortlists_on_ray(spec: Any, features: np.ndarray, captions: Any, k: int, ra
     return Shortlists((vectors[0] @ vectors[1].T).float().cpu().numpy(),
                       *(tuple(np.concatenate([r[i] for r in joined[d]]) for i in (0, 1)) for d in ("i2t", "t2i")),
                       sum(r[2] for d in joined for r in joined[d]))
+
+
+def _count(captions: Any) -> int:
+    """Captions in raw strings or ``(ids, lengths)``."""
+    return len(captions[1]) if isinstance(captions, tuple) else len(captions)
 
 
 def score_tile(scorer: Scorer, images: ImageGallery, texts: TextGallery, tile: Tile) -> np.ndarray:

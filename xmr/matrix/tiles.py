@@ -25,12 +25,15 @@ class Tile:
         return f"{self.index:06d}"
 
 
-def plan_tiles(n_images: int, n_captions: int, tile_images: int, tile_captions: int) -> list[Tile]:
-    """The tiles of an ``n_images x n_captions`` matrix, row-major."""
-    tiles = []
+def plan_tiles(n_images: int, n_captions: int, tile_images: int, tile_captions: int,
+               origin: tuple[int, int] = (0, 0), first: int = 0) -> list[Tile]:
+    """The tiles of an ``n_images x n_captions`` matrix (or of that rectangle starting at
+    ``origin`` in a larger one), row-major, numbered from ``first``."""
+    (i0, c0), tiles = origin, []
     for i in range(0, n_images, tile_images):
         for c in range(0, n_captions, tile_captions):
-            tiles.append(Tile(len(tiles), (i, min(i + tile_images, n_images)), (c, min(c + tile_captions, n_captions))))
+            tiles.append(Tile(first + len(tiles), (i0 + i, i0 + min(i + tile_images, n_images)),
+                              (c0 + c, c0 + min(c + tile_captions, n_captions))))
     return tiles
 
 

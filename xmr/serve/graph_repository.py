@@ -38,7 +38,9 @@ from xmr.runtime.backends.base import PRECISIONS
 from xmr.runtime.backends.tensorrt_backend import profile_limits
 from xmr.runtime.gallery import gallery_files, is_gallery
 from xmr.runtime.schedule import pair_elements
-from xmr.serve.repository import ServeConfig, model_config, model_names, write_model_config, write_python_model
+from xmr.serve.repository import (
+    ServeConfig, gallery_source, model_config, model_names, write_model_config, write_python_model,
+)
 from xmr.serve.server import check_sources
 
 GRAPH_MODELS = {graph: f"xmr_{graph}" for graph in GRAPHS}
@@ -112,16 +114,14 @@ def write_graph_repository(out: Path, config: ServeConfig, overwrite: bool = Fal
             (directory / "1").mkdir(parents=True)
             shutil.copyfile(source, directory / "1" / ("model.plan" if platform == PLAN else "model.onnx"))
             write_model_config(directory, graph_model_config(graph, artifacts, platform))
-        galleries = {"xmr_search_text": config.images, "xmr_search_image": config.captions}
         for name in model_names(config):
             directory = staged / name
             directory.mkdir()
-            parameters = {"artifacts": ARTIFACTS, "backend": BLS_BACKEND, "device": "", "threads": "1",
-                          "graphs": platform, "gallery": ""}
+            parameters = {"artifacts": ARTIFACTS, "backend": BLS_BACKEND, "graphs": platform, "gallery": ""}
             if platform == PLAN:
                 parameters["block_budget"] = str(plan_budget(artifacts))
-            if galleries.get(name) is not None:
-                parameters["gallery"] = f"{GALLERY}/{_copy_gallery(Path(galleries[name]), directory / GALLERY)}"
+            if (source := gallery_source(name, config)) is not None:
+                parameters["gallery"] = f"{GALLERY}/{_copy_gallery(Path(source), directory / GALLERY)}"
             write_python_model(directory, model_config(name, config, artifacts.regions, artifacts.config["img_dim"],
                                                        gpu=False, parameters=parameters))
             _copy_artifacts(artifacts, directory / ARTIFACTS)

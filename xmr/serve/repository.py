@@ -105,8 +105,13 @@ def default_threads() -> int:
     return available_cores()
 
 
+def gallery_source(name: str, config: ServeConfig) -> str | None:
+    """The gallery model ``name`` searches (``--images``, ``--captions``), None for pair scoring."""
+    return {SEARCH_TEXT: config.images, SEARCH_IMAGE: config.captions}.get(name)
+
+
 def _gallery_for(name: str, config: ServeConfig) -> str:
-    source = {SEARCH_TEXT: config.images, SEARCH_IMAGE: config.captions}.get(name)
+    source = gallery_source(name, config)
     return "" if source is None else str(Path(source).resolve())
 
 

@@ -32,14 +32,14 @@ from xmr.config import check_int, save_json
 from xmr.data import DEFAULT_DATA, SynthConfig, Vocabulary, find_vocab, load_split, write_synthetic
 from xmr.errors import CheckpointError, ConfigError, ExportError, MissingFileError
 from xmr.eval import EVAL_FORMAT, EvalResult, evaluate, is_eval_json, model_scorer
-from xmr.eval.evaluate import longest_caption
+from xmr.eval.evaluate import checkpoint_spec
 from xmr.eval.shortlist import ShortlistResult, evaluate_shortlist, evaluate_shortlist_on_ray
 from xmr.export.artifacts import check_export_options, export_artifacts, is_artifact_directory
 from xmr.export.manifest import MANIFEST
 from xmr.export.onnx_export import OPSET
 from xmr.export.precision import PRECISIONS as GRAPH_PRECISIONS
 from xmr.export.tensorrt import BuildOptions, ProfileShapes
-from xmr.matrix.run import CheckpointSpec, RayOptions
+from xmr.matrix.run import RayOptions
 from xmr.models import build_model, load_checkpoint, make_config
 from xmr.models.authors import check_output_is_not_input
 from xmr.models.checkpoint import is_checkpoint_file
@@ -215,7 +215,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path = DEFAULT_DATA, split: str 
     if shortlist is not None:
         data_split.check_fits(net.config)
         if ray is not None:
-            spec = CheckpointSpec(str(checkpoint), data_split.regions, longest_caption(data_split), device)
+            spec = checkpoint_spec(checkpoint, data_split, device)
             short = evaluate_shortlist_on_ray(spec, data_split, shortlist, ray, show_progress)
         else:
             scorer = model_scorer(net, data_split)
