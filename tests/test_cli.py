@@ -34,6 +34,31 @@ def test_model_choices_come_from_the_registry():
         assert f"'bogus' is not one of {', '.join(map(repr, kinds))}." in result.stderr, (command, result.stderr)
 
 
+@pytest.mark.parametrize("options, schedule", [
+    (["-m", "camp"], (8, 4)), (["-m", "imram"], (4, 2)), (["-m", "dual"], (4, 2)),
+    (["-m", "camp", "--epochs", 3], (3, 4)), (["-m", "camp", "--lr-update", 1], (8, 1)),
+    (["-m", "imram", "--epochs", 6, "--lr-update", 3], (6, 3))])
+def test_train_schedule_defaults_per_model(monkeypatch, tmp_path, options, schedule):
+    """``xmr train`` without --epochs/--lr-update trains with the model's schedule
+    (``SCHEDULES``: CAMP's is longer), and either option given wins over it."""
+    import xmr.train.defaults as defaults
+    from xmr.train import default_config
+
+    seen = {}
+
+    def train_model(model, **kwargs):
+        seen.update(model=model, config=kwargs["config"])
+        return defaults.TrainedRun(tmp_path / "checkpoint.pt", {"best_dev_rsum": 0.0})
+
+    monkeypatch.setattr(defaults, "train_model", train_model)
+    result = invoke("train", *options)
+    assert result.exit_code == 0, result.output
+    assert (seen["config"].epochs, seen["config"].lr_update) == schedule
+    model = options[1]
+    if len(options) == 2:  # the library's default is the same schedule
+        assert seen["config"] == default_config(model)
+
+
 def _table_row(output: str) -> list[str]:
     """The cells of the one all-numeric row of the table ``xmr eval`` printed."""
     rows = [cells for line in output.splitlines()

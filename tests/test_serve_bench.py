@@ -181,6 +181,8 @@ def test_online_results_cover_the_sweeps_with_consistent_counters(report):
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert r["requests"] == r["completed"] and sum(r["batch_size_histogram"].values()) == r["batches"]
         assert r["failed"] == 0 and r["rejected"] == r["rejected_at_submit"] == 0
+        if r["mode"] == "open":  # every arrival of its 0.3 s (the fixture's) was sent and answered
+            assert r["offered_qps"] * 0.3 == pytest.approx(r["completed"])
         assert r["mean_batch_size"] == pytest.approx(r["requests"] / r["batches"])
         # a request's latency covers its wait in the queue; the single worker computes no longer than the setting ran
         assert 0 <= r["mean_queue_ms"] <= r["mean_ms"]

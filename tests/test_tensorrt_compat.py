@@ -13,7 +13,7 @@ from xmr.export.graphs import GraphSpec, TensorSpec, graph_specs
 from xmr.calibration.config import CalibrationConfig
 from xmr.calibration.dataset import CalibrationSet
 from xmr.calibration.fallback import Quantizer
-from xmr.export.graphs import GRAPHS, graph_modules
+from xmr.export.graphs import GLOBAL_OUTPUTS, GRAPHS, graph_modules
 from xmr.export.onnx_export import PARITY_CASES, example_inputs, export_model, graph_inputs
 from xmr.export.precision import graph_path
 from xmr.export.tensorrt import BuildOptions, ProfileShapes, build_engine, load_tensorrt
@@ -22,13 +22,26 @@ from conftest import MODEL_VARIANTS, tiny_model
 trt = load_tensorrt("tensorrt_rtx")
 pytestmark = pytest.mark.skipif(trt is None, reason="tensorrt_rtx is not installed (pip install tensorrt-rtx-cu13)")
 TARGETS = ("SM80", "SM89")
+HEAD_VARIANTS = [("camp", {"global_dim": 6}), ("imram", {"mode": "full", "global_dim": 6})]  # prefilter heads
 
 
-@pytest.fixture(scope="module", params=MODEL_VARIANTS, ids=lambda v: f"{v[0]}-{'-'.join(map(str, v[1].values()))}")
+def _variant_id(variant):
+    return f"{variant[0]}-{'-'.join(map(str, variant[1].values()))}"
+
+
+@pytest.fixture(scope="module", params=MODEL_VARIANTS, ids=_variant_id)
 def exported(request, tmp_path_factory):
-    kind, fields = request.param
+    return _export_every_precision(*request.param, tmp_path_factory.mktemp(request.param[0]))
+
+
+@pytest.fixture(scope="module", params=HEAD_VARIANTS, ids=_variant_id)
+def exported_with_head(request, tmp_path_factory):
+    return _export_every_precision(*request.param, tmp_path_factory.mktemp(request.param[0]))
+
+
+def _export_every_precision(kind, fields, out):
+    """``out`` with the fp32, fp16, bf16 and INT8 Q/DQ graphs of a tiny ``kind`` model, and its specs."""
     model = tiny_model(kind, **fields)
-    out = tmp_path_factory.mktemp(kind)
     export_model(model, out, regions=5, precisions=("fp16", "bf16"))
     specs = graph_specs(model, 5)
     cases = [graph_inputs(graph_modules(model), specs, example_inputs(model, 5, case, seed=i))
@@ -71,6 +84,15 @@ def test_bf16_graphs_build_for_each_target(exported, graph):
 def test_int8_qdq_graphs_build_for_each_target(exported, graph):
     out, specs = exported
     _build_every_target(out, specs[graph], graph, "int8")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("graph", ["image_encoder", "text_encoder"])
+def test_encoders_with_prefilter_heads_build_for_each_target(exported_with_head, graph, precision):
+    """The head's global vectors are one more output of each encoder graph, in every precision."""
+    out, specs = exported_with_head
+    assert [t.name for t in specs[graph].outputs][-1] in GLOBAL_OUTPUTS
+    _build_every_target(out, specs[graph], graph, precision)
 
 
 def test_unparsable_graph_is_an_export_error(tmp_path):

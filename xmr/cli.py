@@ -147,10 +147,11 @@ def train(
                                          "encoders (as xmr distill)."),
     mode: ImramMode = typer.Option(ImramMode("full"), help="IMRAM matching mode."),
     steps: int = typer.Option(3, help="IMRAM matching steps K."),
-    epochs: int = typer.Option(4, help="Training epochs."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs [default: 4; camp: 8]."),
     batch_size: int = typer.Option(64, help="Captions per batch."),
     lr: float = typer.Option(1e-3, help="Initial Adam learning rate."),
-    lr_update: int = typer.Option(2, help="Decay the learning rate x0.1 every this many epochs."),
+    lr_update: Optional[int] = typer.Option(None, help="Decay the learning rate x0.1 every this many epochs "
+                                            "[default: 2; camp: 4]."),
     grad_clip: float = typer.Option(2.0, help="Gradient norm clipping threshold."),
     warmup_epochs: int = typer.Option(2, help="Epochs on all negatives before the hardest-negative loss."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -159,12 +160,13 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Train CAMP, IMRAM or the dual-encoder baseline; keeps the best dev-rsum checkpoint."""
-    from xmr.train import TrainConfig
+    from xmr.train import default_config
     from xmr.train.defaults import train_model
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, lr_update=lr_update,
-                         grad_clip=grad_clip, warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps,
-                         prefilter_weight=prefilter_weight, prefilter_epochs=prefilter_epochs)
+    schedule = {name: value for name, value in (("epochs", epochs), ("lr_update", lr_update)) if value is not None}
+    config = default_config(model.value, **schedule, batch_size=batch_size, learning_rate=lr, grad_clip=grad_clip,
+                            warmup_epochs=warmup_epochs, seed=seed, device=device, max_steps=max_steps,
+                            prefilter_weight=prefilter_weight, prefilter_epochs=prefilter_epochs)
     run = train_model(model.value, data=data, out=out, vocab=vocab, size=size.value, embed_size=embed_size,
                       word_dim=word_dim, mode=mode.value, steps=steps, config=config, overwrite=overwrite,
                       global_dim=prefilter_dim)

@@ -2,8 +2,9 @@
 
 Closed loop: C clients, each sending its next request when the previous one returns.
 Open loop: requests arrive as a Poisson process at rate λ whatever the server does, so
-queueing (and, past capacity, rejection) shows. A request's latency runs from its arrival
-(or, closed loop, its send) to its result, so it includes encoding the query in the
+queueing (and, past capacity, rejection) shows; ``offered_qps`` is the arrivals per second
+this draw of the process made (λ give or take its noise). A request's latency runs from its
+arrival (or, closed loop, its send) to its result, so it includes encoding the query in the
 caller's thread, queueing, and the batched scoring.
 """
 
@@ -152,6 +153,7 @@ def open_loop(front: BatchedScorer, workload: Workload, rate: float, config: Onl
         return latencies, rejected[0], max(time.perf_counter() - start, config.seconds)
 
     return _measure(front, run, {"workload": workload.name, "mode": "open", "rate": rate,
+                                  "offered_qps": len(arrivals) / config.seconds,
                                   "max_queue_delay_ms": front.config.max_queue_delay_ms})
 
 

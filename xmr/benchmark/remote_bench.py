@@ -181,7 +181,8 @@ def remote_open_loop(target: Target, model: str, name: str, queries: list, rate:
             future.result()
         seconds = max(time.perf_counter() - start, config.seconds)
         _on_every_thread(pool, config.senders, target.release)
-    return _row(name, {"mode": "open", "rate": rate}, tally.latencies, tally.rejected, seconds)
+    return _row(name, {"mode": "open", "rate": rate, "offered_qps": len(arrivals) / config.seconds},
+                tally.latencies, tally.rejected, seconds)
 
 
 class _Tally:

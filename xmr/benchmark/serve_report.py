@@ -81,7 +81,7 @@ def online_table(report: dict[str, Any]) -> Table:
                    "batch", "rejected", "util"):
         table.add_column(column, justify="right")
     for r in online["results"]:
-        load = f"{r['clients']} clients" if r["mode"] == "closed" else f"λ {r['rate']:.1f}/s"
+        load = f"{r['clients']} clients" if r["mode"] == "closed" else _arrivals(r)
         util = r["gpu_utilisation"] if r["gpu_utilisation"] is not None else r["cpu_utilisation"]
         table.add_row(r["workload"], load, f"{r['max_queue_delay_ms']:g}", _num(r["qps"], ".1f"), _num(r["p50_ms"], ".1f"),
                       _num(r["p95_ms"], ".1f"), _num(r["p99_ms"], ".1f"), _num(r["mean_queue_ms"], ".1f"),
@@ -89,6 +89,12 @@ def online_table(report: dict[str, Any]) -> Table:
                       _num(r["mean_batch_size"], ".1f"), str(r["rejected"] + r["rejected_at_submit"]),
                       _num(util, ".0f", "%", 100))
     return table
+
+
+def _arrivals(row: dict[str, Any], fraction: str = "") -> str:
+    """An open-loop row's rate λ, and what its draw of arrivals offered when that is known."""
+    offered = f", {row['offered_qps']:.1f} offered" if "offered_qps" in row else ""
+    return f"λ {row['rate']:.1f}/s{fraction}{offered}"
 
 
 def remote_table(report: dict[str, Any]) -> Table:
@@ -100,7 +106,7 @@ def remote_table(report: dict[str, Any]) -> Table:
                    "p50 ms", "p99 ms", "rejected", "server / in-process"):
         table.add_column(column, justify="right")
     for r in report["remote"]:
-        load = f"{r['clients']} clients" if r["mode"] == "closed" else f"λ {r['rate']:.1f}/s ({r['load_fraction']:g}x)"
+        load = f"{r['clients']} clients" if r["mode"] == "closed" else _arrivals(r, f" ({r['load_fraction']:g}x)")
         mine = local.get(_setting(r))
         there = [] if mine is None else [_num(mine["qps"], ".1f"), _num(mine["p50_ms"], ".1f"), _num(mine["p99_ms"], ".1f"),
                                           str(mine["rejected"] + mine["rejected_at_submit"]),

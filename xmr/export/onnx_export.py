@@ -61,12 +61,14 @@ def example_inputs(model: RetrievalModel, regions: int, case: ParityCase, seed: 
 @torch.no_grad()
 def graph_inputs(modules: dict[str, torch.nn.Module], spec: dict[str, GraphSpec],
                  raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The inputs of each graph for one case (the pair scorer's come from the encoders)."""
+    """The inputs of each graph for one case (the pair scorer's come from the encoders, whose
+    prefilter vectors it does not take)."""
     images = dict(zip((t.name for t in spec["image_encoder"].outputs), modules["image_encoder"](raw["features"])))
     texts = dict(zip((t.name for t in spec["text_encoder"].outputs), modules["text_encoder"](raw["ids"], raw["lengths"])))
+    encoded = {**images, **texts, "lengths": raw["lengths"]}
     return {"image_encoder": {"features": raw["features"]},
             "text_encoder": {"ids": raw["ids"], "lengths": raw["lengths"]},
-            "pair_scorer": {**images, **texts, "lengths": raw["lengths"]}}
+            "pair_scorer": {t.name: encoded[t.name] for t in spec["pair_scorer"].inputs}}
 
 
 def forbidden_ops(graph: onnx.GraphProto) -> set[str]:

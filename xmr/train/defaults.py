@@ -48,7 +48,7 @@ from xmr.models.registry import config_class
 from xmr.outputs import check_output_dir, check_output_file
 from xmr.progress import console
 from xmr.train.distill import DistillConfig, distill
-from xmr.train.trainer import BEST, TrainConfig, is_run_directory, train
+from xmr.train.trainer import BEST, TrainConfig, default_config, is_run_directory, train
 
 PRECISIONS = (*GRAPH_PRECISIONS, "int8")  # what `xmr export --precision` takes (int8: through calibration)
 
@@ -77,13 +77,14 @@ def train_model(model: str, data: Path = DEFAULT_DATA, out: Optional[Path] = Non
                 show_progress: bool = True, global_dim: Optional[int] = None) -> TrainedRun:
     """``xmr train``: a fresh ``model`` of ``size`` (``embed_size``/``word_dim``/``global_dim``
     override it; ``global_dim`` is the prefilter head's, cross-attention models only, 0 for
-    none; ``mode`` and ``steps`` are IMRAM's) trained with ``config`` on ``data``'s train split,
-    the best dev-rsum checkpoint kept in ``out`` (default ``runs/MODEL``). The vocabulary is
-    ``vocab``, else the one in ``data``. ``out`` is checked before the data is read."""
+    none; ``mode`` and ``steps`` are IMRAM's) trained with ``config`` (default: the model's,
+    ``default_config``) on ``data``'s train split, the best dev-rsum checkpoint kept in ``out``
+    (default ``runs/MODEL``). The vocabulary is ``vocab``, else the one in ``data``. ``out``
+    is checked before the data is read."""
     config_class(model)  # an unknown kind fails first, naming the registered ones
     if size not in SIZES:
         raise ConfigError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    config = config or TrainConfig()
+    config = config or default_config(model)
     out = Path(out) if out is not None else run_directory(model)
     check_output_dir(out, is_run_directory, overwrite, "run directory")
     data = Path(data)
