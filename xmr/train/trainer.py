@@ -81,7 +81,7 @@ class TrainConfig:
 SCHEDULES: dict[str, dict[str, int]] = {"camp": {"epochs": 8, "lr_update": 4}}
 """Model kinds whose default schedule differs from ``TrainConfig``'s. CAMP's BCE loss is still
 climbing when the lr decays after 2 epochs on the synthetic set (best dev rsum 548.5 in 4
-epochs); 4 epochs at 1e-3 and 4 at 1e-4 reach 572.7 (docs/training.md)."""
+epochs); 4 epochs at 1e-3 and 4 at 1e-4 reach 576.7 (docs/training.md)."""
 
 
 def default_config(model: str, **settings: Any) -> TrainConfig:
