@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,7 +94,11 @@ def running_server(config: ServeConfig, ready_timeout_s: float = READY_TIMEOUT_S
         yield triton
     finally:
         if triton is not None:
-            triton.stop()
+            # PyTriton's workspace clean() can trip over its own rmtree (a CleanupWarning); the
+            # whole workspace is removed below anyway.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Could not clean workspace")
+                triton.stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
