@@ -184,6 +184,24 @@ def test_eval_on_ray_gives_the_recall_of_eval_in_one_process(job, tmp_path):
     assert not ray.is_initialized()
 
 
+def test_fold5_eval_on_ray_scores_the_folds_of_eval_in_one_process(job, tmp_path):
+    """COCO's 5-fold protocol: each fold's images against its own captions, from Ray tiles."""
+    from pathlib import Path
+
+    from xmr.data import SynthConfig, write_synthetic
+
+    root = Path(job.artifacts).parent
+    write_synthetic(tmp_path / "data", SynthConfig(n_train=8, n_dev=4, n_test=10, regions=REGIONS, img_dim=IMG_DIM,
+                                                   seed=5))  # 10 test images: 5 folds of 2
+    args = ("eval", root / "model.pt", "--data", tmp_path / "data", "--fold5")
+    for name, extra in (("here", ()), ("ray", ("--ray", "--workers", 2))):
+        result = invoke(*args, "--json", tmp_path / f"{name}.json", *extra)
+        assert result.exit_code == 0, result.output
+    here, on_ray = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("here", "ray"))
+    assert len(here["folds"]) == 5 and here["folds"] == on_ray["folds"] and here["metrics"] == on_ray["metrics"]
+    assert not ray.is_initialized()
+
+
 def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(job, tmp_path):
     import os
     import signal

@@ -18,7 +18,7 @@ from xmr.data.precomp import PrecompSplit
 from xmr.errors import ConfigError, ShapeError
 from xmr.eval.metrics import RecallReport, mean_report, recall_report
 from xmr.models.base import RetrievalModel
-from xmr.matrix.run import CheckpointSpec, RayOptions, matrix_scores
+from xmr.matrix.run import CheckpointSpec, RayOptions, Rectangle, matrix_scores
 from xmr.runtime import Scorer, TorchBackend
 
 
@@ -93,13 +93,18 @@ def evaluate(model: RetrievalModel, split: PrecompSplit, fold5: bool = False, sh
         return EvalResult(recall_report(scores, split.per_image), [], scores)
     images = scorer.encode_images(np.asarray(split.features), show_progress=show_progress)
     texts = scorer.encode_texts(split.caption_batch(range(split.n_captions)), show_progress=show_progress)
-    size, per = split.n_images // 5, split.per_image
-    folds = []
-    for f in range(5):
-        fold_images = images.select(np.arange(f * size, (f + 1) * size))
-        fold_texts = texts.select(np.arange(f * size * per, (f + 1) * size * per))
-        folds.append(recall_report(scorer.score(fold_images, fold_texts, show_progress=show_progress), per))
+    folds = [recall_report(scorer.score(images.select(np.arange(*fold_images)), texts.select(np.arange(*fold_texts)),
+                                        show_progress=show_progress), split.per_image)
+             for fold_images, fold_texts in score_blocks(split, fold5)]
     return EvalResult(mean_report(folds), folds)
+
+
+def score_blocks(split: PrecompSplit, fold5: bool) -> list[Rectangle]:
+    """The (image range, caption range) blocks ``evaluate`` scores: the whole split, or with
+    ``fold5`` COCO's 5 folds, each its images and their own captions."""
+    n, per = split.n_images, split.per_image
+    size = n // 5 if fold5 else n
+    return [((f * size, (f + 1) * size), (f * size * per, (f + 1) * size * per)) for f in range(n // size)]
 
 
 def _evaluate_on_ray(model: RetrievalModel, split: PrecompSplit, fold5: bool, ray: RayOptions,
@@ -108,12 +113,10 @@ def _evaluate_on_ray(model: RetrievalModel, split: PrecompSplit, fold5: bool, ra
     if checkpoint is None:
         raise ConfigError("evaluating on Ray needs the checkpoint's path: each actor loads it")
     spec = checkpoint_spec(checkpoint, split, str(next(model.parameters()).device))
-    n, per = split.n_images, split.per_image
-    size = n // 5 if fold5 else n
-    blocks = [((f * size, (f + 1) * size), (f * size * per, (f + 1) * size * per)) for f in range(n // size)]
-    scores = matrix_scores(spec, np.asarray(split.features), split.caption_batch(range(n * per)), blocks, ray,
+    blocks = score_blocks(split, fold5)
+    scores = matrix_scores(spec, np.asarray(split.features), split.caption_batch(range(split.n_captions)), blocks, ray,
                            show_progress=show_progress)
-    reports = [recall_report(scores[slice(*images), slice(*captions)], per) for images, captions in blocks]
+    reports = [recall_report(scores[slice(*images), slice(*captions)], split.per_image) for images, captions in blocks]
     if not fold5:
         return EvalResult(reports[0], [], scores)
     return EvalResult(mean_report(reports), reports)
