@@ -13,13 +13,15 @@ simulation is FIFO with Triton's batcher rules (a batch forms when the instance 
 from what waited, up to ``max_batch``, after at most ``max_queue_delay`` for more) and sets
 its load as the measurement does: a fraction of the best of closed loops over 1, 4 and 16
 clients; S(n) = share + (1 - share)·n, whose gain at 16 is 16 / (share + 16·(1 - share)).
-It shows which gains keep p99 within 2x p50 at 70% of the best QPS, to read against the
-measured gains and, with ``--remote``, the ratios a ``serve-bench --target`` run measured.
+It shows which gains keep p99 within 2x p50 at 70% of the best QPS, and how many model
+instances (``xmr serve --instances``) do at no gain, to read against the measured gains
+and, with ``--remote``, the ratios a ``serve-bench --target`` run measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ console = Console(width=140)
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 CLIENTS = (1, 4, 16)
 LOADS = (0.5, 0.7, 0.9)
+INSTANCES = (1, 2, 4, 8)
 SHARES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
@@ -54,32 +57,42 @@ def batch_costs(search: Callable[[int, int], Any], batches: tuple[int, ...], rep
     return costs
 
 
-def simulate(cost: Callable[[int], float], rate: float, max_batch: int, delay_s: float,
+def simulate(cost: Callable[[int], float], rate: float, max_batch: int, delay_s: float, instances: int = 1,
              requests: int = 50_000, seed: int = 0) -> np.ndarray:
-    """Latencies (arrival to response) of ``requests`` Poisson arrivals at ``rate``/s through one
-    model instance whose batch of n takes ``cost(n)`` seconds."""
+    """Latencies (arrival to response) of ``requests`` Poisson arrivals at ``rate``/s through
+    ``instances`` model instances, each of whose batches of n takes ``cost(n)`` seconds (the
+    next batch goes to the instance free first)."""
     arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, requests))
-    latencies, free, i = np.empty(requests), 0.0, 0
+    latencies, free, i = np.empty(requests), [0.0] * instances, 0
     while i < requests:
         full = arrivals[min(i + max_batch, requests) - 1]  # when a full batch would have waited
-        start = max(free, min(arrivals[i] + delay_s, full))
+        start = max(heapq.heappop(free), min(arrivals[i] + delay_s, full))
         j = min(int(np.searchsorted(arrivals, start, side="right")), i + max_batch)
-        free = start + cost(j - i)
-        latencies[i:j] = free - arrivals[i:j]
+        done = start + cost(j - i)
+        heapq.heappush(free, done)
+        latencies[i:j] = done - arrivals[i:j]
         i = j
     return latencies
 
 
-def best_closed_loop(cost: Callable[[int], float]) -> float:
-    """Requests/s of the best closed loop over ``CLIENTS`` (C clients: batches of C)."""
-    return max(c / cost(c) for c in CLIENTS)
+def best_closed_loop(cost: Callable[[int], float], max_batch: int = 64, instances: int = 1) -> float:
+    """Requests/s of the best closed loop over ``CLIENTS`` (C clients keep min(C, instances)
+    instances busy with batches of C / busy, at most ``max_batch``)."""
+    rates = []
+    for clients in CLIENTS:
+        busy = min(clients, instances)
+        batch = min(max_batch, max(1, clients // busy))
+        rates.append(busy * batch / cost(batch))
+    return max(rates)
 
 
-def tail_ratios(cost: Callable[[int], float], max_batch: int, delay_s: float) -> dict[str, float]:
-    best = best_closed_loop(cost)
+def tail_ratios(cost: Callable[[int], float], max_batch: int, delay_s: float,
+                instances: int = 1) -> dict[str, float]:
+    """p99/p50 of the simulated latencies at each of ``LOADS`` x the best closed loop."""
+    best = best_closed_loop(cost, max_batch, instances)
     ratios = {}
     for load in LOADS:
-        p50, p99 = np.percentile(simulate(cost, load * best, max_batch, delay_s), [50, 99])
+        p50, p99 = np.percentile(simulate(cost, load * best, max_batch, delay_s, instances), [50, 99])
         ratios[f"{load:g}"] = float(p99 / p50)
     return ratios
 
@@ -131,7 +144,10 @@ def main() -> None:
     shares = [{"fixed_share": share, "batch_gain_16": 16 / (share + (1 - share) * 16),
                "predicted_p99_over_p50": tail_ratios(lambda n, s=share: s + (1 - s) * n, args.max_batch, delay)}
               for share in SHARES]  # S(1) = 1 s: the ratios do not depend on the unit
-    serial = tail_ratios(lambda n: float(n), 1, 0.0)  # no batcher: one query at a time (M/D/1)
+    spread = [{"instances": c, "one_at_a_time": tail_ratios(lambda n: float(n), 1, 0.0, c),
+               "batched_linear": tail_ratios(lambda n: float(n), args.max_batch, delay, c)}
+              for c in INSTANCES]  # no batcher (M/D/c), and the batcher on c instances at no batching gain
+    serial = spread[0]["one_at_a_time"]  # one instance, one query at a time: M/D/1
 
     table = Table(title=f"measured batch cost S(n), {scorer!r}")
     for column in ("workload", *(f"S({n}) ms (gain)" for n in batches), "p99/p50 measured @0.7 server / in-process"):
@@ -150,8 +166,16 @@ def main() -> None:
                       *(f"{v:.2f}" for v in row["predicted_p99_over_p50"].values()))
     model.add_row("one at a time", "1.00", *(f"{v:.2f}" for v in serial.values()))
     console.print(model)
+    side = Table(title="simulated p99/p50 on c instances, linear cost S(n) = n (each instance a core's share)")
+    for column in ("instances", *(f"{how} @{load:g}" for how in ("one at a time", "batched") for load in LOADS)):
+        side.add_column(column, justify="right")
+    for row in spread:
+        side.add_row(str(row["instances"]), *(f"{v:.2f}" for how in ("one_at_a_time", "batched_linear")
+                                              for v in row[how].values()))
+    console.print(side)
     if args.json:
-        write_results(args.json, rows + [{"by_fixed_share": shares, "one_at_a_time": serial, "max_batch": args.max_batch,
+        write_results(args.json, rows + [{"by_fixed_share": shares, "one_at_a_time": serial,
+                                          "by_instances": spread, "max_batch": args.max_batch,
                                           "max_queue_delay_ms": args.max_queue_delay_ms, "clients": list(CLIENTS)}])
 
 

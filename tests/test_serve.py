@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import json
 import os
 import signal
@@ -18,8 +19,8 @@ from conftest import alive, descendants, export_small_imram, invoke
 
 from xmr.errors import InputError
 from xmr.runtime import Scorer
-from xmr.serve.repository import SCORE_PAIRS, SEARCH_IMAGE, SEARCH_TEXT, ServeConfig, read_model_config, \
-    write_repository
+from xmr.serve.repository import SCORE_PAIRS, SEARCH_IMAGE, SEARCH_TEXT, ServeConfig, model_config, \
+    read_model_config, write_repository
 from xmr.serve.server import ServeError, wait_ready
 
 http = pytest.importorskip("tritonclient.http")
@@ -30,6 +31,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 REGIONS, IMG_DIM = 5, 12
 READY_TIMEOUT_S = 240
 MAX_QUEUE = 2
+INSTANCES = 2  # per model: searches are answered by whichever instance takes the batch
 
 
 def free_ports(n: int) -> list[int]:
@@ -58,7 +60,7 @@ def served(exported):
     ports = free_ports(3)
     command = [sys.executable, "-m", "xmr.cli", "serve", "--artifacts", str(root / "artifacts"),
                "--images", str(root / "images.npy"), "--captions", str(root / "captions.txt"),
-               "--backend", "onnxruntime", "--threads", "1", "--k", "4", "--max-batch", "4",
+               "--backend", "onnxruntime", "--instances", str(INSTANCES), "--threads", "1", "--k", "4", "--max-batch", "4",
                "--max-queue", str(MAX_QUEUE), "--max-queue-delay-us", "20000",
                "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
     log = (root / "serve.log").open("w")
@@ -208,6 +210,8 @@ def test_sigterm_stops_the_server_with_status_0_and_leaves_no_process(served):
     process = served["process"]
     below = descendants(process.pid)
     assert below, "xmr serve runs tritonserver and its model stubs as child processes"
+    stubs = [pid for pid in below if b"triton_python_backend_stub" in _cmdline(pid)]
+    assert len(stubs) == 3 * INSTANCES, "a stub process per instance of each of the three models"
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, served["log"].read_text()[-3000:]
@@ -216,6 +220,13 @@ def test_sigterm_stops_the_server_with_status_0_and_leaves_no_process(served):
     while any(alive(pid) for pid in below) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in below if alive(pid)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_every_config_pbtxt_is_a_triton_model_config(tmp_path):
@@ -230,13 +241,29 @@ def test_every_config_pbtxt_is_a_triton_model_config(tmp_path):
         assert parsed.dynamic_batching.default_queue_policy.max_queue_size == 3
         assert parsed.dynamic_batching.max_queue_delay_microseconds == 500
         assert (root / name / "1" / "model.py").is_file()
+        assert [(g.kind, g.count) for g in parsed.instance_group] == [(parsed.instance_group[0].KIND_CPU, 1)]
     features = [i for i in read_model_config(root / SEARCH_IMAGE / "config.pbtxt").input if i.name == "features"]
     assert list(features[0].dims) == [REGIONS, IMG_DIM]
+
+
+def test_instances_split_the_cores_unless_threads_are_given(tmp_path, monkeypatch):
+    monkeypatch.setattr("xmr.cpu.available_cores", lambda: 8)
+    for instances, threads, expected in ((1, None, "8"), (3, None, "2"), (16, None, "1"), (3, 5, "5")):
+        config = ServeConfig(artifacts=str(tmp_path), images=str(tmp_path / "images.npy"), instances=instances,
+                             threads=threads)
+        parsed = model_config(SEARCH_TEXT, config, REGIONS, IMG_DIM, gpu=False)
+        assert parsed.instance_group[0].count == instances
+        assert parsed.parameters["threads"].string_value == expected
+    from xmr.cli import serve_command, triton_repo_command
+
+    for command in (serve_command, triton_repo_command):  # the commands' default is the library's
+        assert inspect.signature(command).parameters["instances"].default.default == ServeConfig.instances
 
 
 def test_serve_refuses_bad_options_in_one_line_before_starting(tmp_path):
     for args, message in ((["--images", str(tmp_path / "missing.npy")], "not a .npy file"),
                           (["--images", str(tmp_path), "--k", "0"], "k must be a positive integer"),
+                          (["--images", str(tmp_path), "--instances", "0"], "instances must be a positive integer"),
                           (["--images", str(tmp_path), "--http-port", "9000", "--grpc-port", "9000"], "must differ")):
         result = subprocess.run([sys.executable, "-m", "xmr.cli", "serve", "--artifacts", str(tmp_path), *args],
                                 capture_output=True, text=True, timeout=120)

@@ -456,6 +456,9 @@ SERVE_SESSION = """A session (docs/serving.md): start, wait for ready, search fr
 """
 
 
+INSTANCES_HELP = "Instances per model: processes, each with its own scorer and gallery, running batches side by side."
+
+
 @app.command("serve", epilog=SERVE_SESSION)
 def serve_command(
     artifacts: Path = typer.Option(..., help="Artifact directory (xmr export)."),
@@ -465,7 +468,9 @@ def serve_command(
     backend: str = typer.Option("auto", help="auto, tensorrt, onnxruntime, openvino or torch."),
     precision: str = typer.Option("fp32", help="fp32, fp16, bf16 or int8."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads per model [default: every available core; idle models do not spin]."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per model instance [default: the available "
+                                                     "cores / --instances; idle models do not spin]."),
+    instances: int = typer.Option(1, help=INSTANCES_HELP),
     k: int = typer.Option(10, help="Results per query when a request sends no k."),
     shortlist: Optional[int] = typer.Option(None, help="Two-stage search: gallery items rescored per query "
                                                        "[default: exhaustive]."),
@@ -483,8 +488,8 @@ def serve_command(
     from xmr.serve.server import serve
 
     serve(ServeConfig(artifacts=str(artifacts), images=str(images), captions=None if captions is None else str(captions),
-                      backend=backend, precision=precision, device=device, threads=threads, k=k, shortlist=shortlist,
-                      host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                      backend=backend, precision=precision, device=device, threads=threads, instances=instances, k=k,
+                      shortlist=shortlist, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                       max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, max_queue=max_queue),
           announce=lambda line: console.print(line, soft_wrap=True))
 
@@ -536,6 +541,7 @@ def triton_repo_command(
     max_batch: int = typer.Option(64, help="Front models' max_batch_size: rows per batch."),
     max_queue_delay_us: int = typer.Option(2000, help="How long a request waits for others to batch with, µs."),
     max_queue: int = typer.Option(256, help="Requests waiting per front model; beyond it requests are rejected."),
+    instances: int = typer.Option(1, help=INSTANCES_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Write a Triton model repository for GPU fleets: the three graphs as tensorrt_plan models
@@ -547,7 +553,7 @@ def triton_repo_command(
     config = ServeConfig(artifacts=str(artifacts), images=None if images is None else str(images),
                          captions=None if captions is None else str(captions), precision=precision, k=k,
                          shortlist=shortlist, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
-                         max_queue=max_queue)
+                         max_queue=max_queue, instances=instances)
     record = write_graph_repository(out, config, overwrite=overwrite)
     console.print(f"wrote {out}: {record['graphs']} graphs ({precision}), models {', '.join(record['models'])}",
                   soft_wrap=True)

@@ -38,7 +38,8 @@ class ServeConfig:
     backend: str = "auto"
     precision: str = "fp32"
     device: str | None = None
-    threads: int | None = None
+    threads: int | None = None  # CPU threads per model instance (None: the cores split among the instances)
+    instances: int = 1  # Triton instances per model, each its own process with its own Scorer and gallery
     k: int = 10  # results per query when a request gives no k
     shortlist: int | None = None  # two-stage search: gallery items rescored per query (None: exhaustive)
     host: str = "127.0.0.1"
@@ -50,7 +51,7 @@ class ServeConfig:
     max_queue: int = 256  # requests waiting per model; beyond it Triton rejects (503 / UNAVAILABLE)
 
     def validate(self) -> None:
-        for name in ("k", "http_port", "grpc_port", "metrics_port", "max_batch", "max_queue"):
+        for name in ("k", "instances", "http_port", "grpc_port", "metrics_port", "max_batch", "max_queue"):
             positive_int(getattr(self, name), name.replace("_", "-"))
         positive_int(self.max_queue_delay_us, "max-queue-delay-us", minimum=0)
         if self.shortlist is not None:
@@ -86,23 +87,25 @@ def model_config(name: str, config: ServeConfig, regions: int, img_dim: int, gpu
     kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
     parameters = {"task": name, "artifacts": str(Path(config.artifacts).resolve()), "backend": config.backend,
                   "precision": config.precision, "device": config.device or "",
-                  "threads": str(config.threads or default_threads()),
+                  "threads": str(config.threads or default_threads(config.instances)),
                   "k": str(config.k), "shortlist": str(config.shortlist or ""),
                   "gallery": _gallery_for(name, config), **(parameters or {})}
+    instances = pb.ModelInstanceGroup(kind=kind, count=config.instances)
     return pb.ModelConfig(name=name, backend="python", max_batch_size=config.max_batch, input=inputs, output=outputs,
-                          dynamic_batching=batching, instance_group=[pb.ModelInstanceGroup(kind=kind, count=1)],
+                          dynamic_batching=batching, instance_group=[instances],
                           parameters={key: pb.ModelParameter(string_value=value) for key, value in parameters.items()})
 
 
-def default_threads() -> int:
-    """CPU threads per model by default: every core this process may use. Each model is its
-    own process; their ONNX Runtime pools do not spin-wait (``Scorer.load(spin=False)``), so
-    an idle model leaves its cores to a busy one (measured on 2 cores, text->image at 16
-    clients: 2 threads each without spinning 1.4x the QPS of 1 thread each; 2 threads each
-    spinning stalled 1 request in 20 for ~0.5 s)."""
+def default_threads(instances: int) -> int:
+    """CPU threads per model instance by default: the cores this process may use, split among
+    a model's ``instances`` (at least one each). Each instance is its own process; their ONNX
+    Runtime pools do not spin-wait (``Scorer.load(spin=False)``), so an idle model leaves its
+    cores to a busy one (measured on 2 cores, text->image at 16 clients: 2 threads each
+    without spinning 1.4x the QPS of 1 thread each; 2 threads each spinning stalled 1
+    request in 20 for ~0.5 s)."""
     from xmr.cpu import available_cores
 
-    return available_cores()
+    return max(1, available_cores() // instances)
 
 
 def gallery_source(name: str, config: ServeConfig) -> str | None:
