@@ -9,7 +9,7 @@ simulated for cost curves from no batching gain to a batch that costs what one q
 
 A batch's gain, n·S(1) / S(n), is what batching n queries buys per query: about 1 on a
 compute-bound CPU, more where a batch leaves the hardware room (a GPU far from full). The
-simulation is FIFO with Triton's batcher rules (a batch forms when the instance is free,
+simulation is FIFO with Triton's batcher rules (a batch forms when an instance is free,
 from what waited, up to ``max_batch``, after at most ``max_queue_delay`` for more) and sets
 its load as the measurement does: a fraction of the best of closed loops over 1, 4 and 16
 clients; S(n) = share + (1 - share)·n, whose gain at 16 is 16 / (share + 16·(1 - share)).
