@@ -129,8 +129,8 @@ def write_graph_repository(out: Path, config: ServeConfig, overwrite: bool = Fal
                   "source_checkpoint": artifacts.identity, "precision": config.precision, "graphs": platform,
                   "models": [*GRAPH_MODELS.values(), *model_names(config)],
                   "batching": {"max_batch": config.max_batch, "max_queue_delay_us": config.max_queue_delay_us,
-                               "max_queue": config.max_queue, "instances": config.instances},
-                  "k": config.k, "shortlist": config.shortlist,
+                               "max_queue": config.max_queue},
+                  "instances": config.instances, "k": config.k, "shortlist": config.shortlist,
                   "tools": tool_versions(("xmr", "tritonclient", "protobuf")),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         (staged / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
